@@ -1,0 +1,364 @@
+"""Record a vision model's activations over a dataset into a store.
+
+    saev-store record --out demo.zarr                                    # EfficientNet-Lite0 on Fashion-MNIST
+    saev-store record --out vit.zarr --model timm:vit_base_patch16_224 --weights vit.safetensors \
+        --layer 10 --dataset folder --data /data/imagenet/train --device cuda --batch-size 256
+    accelerate launch -m saev_store.record --out vit.zarr ...              # one process per GPU
+
+Batches never cross chunk boundaries, so every chunk is computed from the same batches whichever
+process records it and however often the run was interrupted: a resumed or multi-process store is
+bitwise identical to an uninterrupted single-process one. Finished chunks go to a background writer
+while the model computes the next ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import format as fmt
+from .errors import UserError
+from .store import HookSpec, Store, create_store, open_store
+from .writer import Block, BlockWriter, WriterError
+
+DEFAULT_MODEL = "efficientnet:lite0"
+DEFAULT_DATASET = "fashion-mnist"
+
+
+@dataclasses.dataclass
+class RecordConfig:
+    """What to record and where. Defaults record the embedded demo (no download needed)."""
+
+    out: str
+    """Store path (`NAME.zarr`) or a Zarr store URL."""
+    model: str = DEFAULT_MODEL
+    """`BACKEND:NAME`, e.g. `timm:vit_base_patch16_224`, `open_clip:ViT-B-16`, `hf:DIR`, `torchvision:resnet50`."""
+    weights: str | None = None
+    """Local weights file or directory; never downloaded."""
+    hooks: tuple[str, ...] = ()
+    """Module paths to record (`--hook`)."""
+    layers: tuple[int, ...] = ()
+    """Layer numbers to record (`--layer`): a ViT's residual stream after block N, a CNN's stage/block N."""
+    dataset: str = DEFAULT_DATASET
+    """Dataset kind: fashion-mnist, folder, hf-disk."""
+    data: str | None = None
+    """Dataset root; the kind's default when None."""
+    split: str = "train"
+    """Dataset split."""
+    dataset_options: dict = dataclasses.field(default_factory=dict)
+    """Extra dataset options (image_column, label_column for hf-disk)."""
+    batch_size: int = 64
+    """Images per forward pass (batches never cross chunk boundaries)."""
+    device: str = "cpu"
+    """torch device for the model."""
+    store_dtype: str = "float32"
+    """float32, float16 or bfloat16 (half the disk)."""
+    tokens: str = "all"
+    """Which tokens to store: all, patches or cls."""
+    keep_registers: bool = False
+    """Keep ViT register tokens (dropped by default)."""
+    limit: int | None = None
+    """Record only the first N images of the dataset."""
+    seed: int = 0
+    """Seeds torch (random-weight models) and is recorded in the metadata."""
+    num_workers: int = 1
+    """DataLoader worker processes decoding and preprocessing images."""
+    skip_bad: bool = False
+    """Mark unreadable images invalid instead of stopping."""
+    overwrite: bool = False
+    """Delete an existing store and start over."""
+    chunk_mib: int = 32
+    """Target chunk size for the largest hook (8-64 MiB)."""
+    image_size: int | None = None
+    """Override the model's input size (square), e.g. for a fast demo."""
+    mean: tuple[float, float, float] | None = None
+    """Override the normalization mean."""
+    std: tuple[float, float, float] | None = None
+    """Override the normalization std."""
+    quiet: bool = False
+    """No progress bar."""
+
+    def __post_init__(self):
+        if self.store_dtype not in fmt.STORE_DTYPES:
+            raise UserError(f"--store-dtype {self.store_dtype!r} is not supported; choose one of {', '.join(fmt.STORE_DTYPES)}.")
+        if self.tokens not in ("all", "patches", "cls"):
+            raise UserError(f"--tokens {self.tokens!r}: choose all, patches or cls.")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {self.batch_size}).")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit must be at least 1 (got {self.limit}).")
+        if not 8 <= self.chunk_mib <= 64:
+            raise UserError(f"--chunk-mib {self.chunk_mib} is outside 8-64 MiB.")
+
+
+class Result(dict):
+    """What a record run did: images and bytes written, seconds, whether the store completed."""
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+def metadata_diff(store_attrs: dict, meta: dict, hooks: dict[str, HookSpec], store_dtype: str, n_images: int) -> list[str]:
+    """What differs between an existing store and this run (empty when they agree)."""
+    diffs = []
+    for key in ("model", "dataset", "preprocessing", "tokens", "keep_registers", "class_names"):
+        have, want = _jsonable(store_attrs.get(key)), _jsonable(meta.get(key))
+        if have != want:
+            if isinstance(have, dict) and isinstance(want, dict):
+                for k in sorted(set(have) | set(want)):
+                    if have.get(k) != want.get(k):
+                        diffs.append(f"{key}.{k}: store has {have.get(k)!r}, this run has {want.get(k)!r}")
+            else:
+                diffs.append(f"{key}: store has {have!r}, this run has {want!r}")
+    if store_attrs["store_dtype"] != store_dtype:
+        diffs.append(f"store_dtype: store has {store_attrs['store_dtype']!r}, this run has {store_dtype!r}")
+    if store_attrs["n_images"] != n_images:
+        diffs.append(f"n_images: store has {store_attrs['n_images']}, this run has {n_images} (check --limit)")
+    want_hooks = {h: {"n_tokens": s.n_tokens, "d": s.d, "layout": s.layout.to_dict(), "module": s.module} for h, s in hooks.items()}
+    if _jsonable(store_attrs["hooks"]) != _jsonable(want_hooks):
+        diffs.append(f"hooks: store has {sorted(store_attrs['hooks'])}, this run has {sorted(want_hooks)} (or their shapes differ)")
+    return diffs
+
+
+def _dist_state():
+    """(rank, world_size, barrier) from accelerate when launched with several processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        return state.process_index, state.num_processes, state.wait_for_everyone
+    return 0, 1, lambda: None
+
+
+def resolve_hooks(model, cfg: RecordConfig) -> list[str]:
+    """--hook and --layer, in the order given; the model's last layer when neither is given."""
+    names = list(cfg.hooks) + [model.layer_hook(n) for n in cfg.layers]
+    if not names:
+        names = [model.layer_hook(model.n_layers() - 1)]
+    seen = []
+    for n in names:
+        if n not in seen:
+            seen.append(n)
+    return seen
+
+
+def _probe_hooks(model, hooks: list[str], cfg: RecordConfig, image_hw: tuple[int, int]) -> dict[str, HookSpec]:
+    """One forward pass of a blank image gives each hook's token count and width."""
+    x = torch.zeros(1, 3, *image_hw, device=cfg.device)
+    with torch.inference_mode():
+        out = model.capture(x, hooks, keep_registers=cfg.keep_registers, tokens=cfg.tokens)
+    specs = {}
+    for h in hooks:
+        layout = model.token_layout(h, keep_registers=cfg.keep_registers, tokens=cfg.tokens)
+        t = out[h]
+        if t.shape[1] != layout.n_tokens:
+            raise RuntimeError(f"hook {h}: capture gave {t.shape[1]} tokens but its layout says {layout.n_tokens}")
+        specs[h] = HookSpec(d=int(t.shape[2]), layout=layout, module=h)
+    return specs
+
+
+def _chunk_batches(st: Store, chunks: list[int], batch_size: int) -> list[list[int]]:
+    """Image-index batches that never cross a chunk boundary, for the chunks in order."""
+    out = []
+    for i in chunks:
+        start, stop = st.chunk_bounds(i)
+        for b in range(start, stop, batch_size):
+            out.append(list(range(b, min(b + batch_size, stop))))
+    return out
+
+
+def record(cfg: RecordConfig, on_progress: Callable[[int, int], None] | None = None) -> Result:
+    """Record `cfg` into its store: create or resume it, fill this process's chunks, finalize.
+
+    Returns a summary. Raises UserError for bad input (unknown hook, missing dataset, metadata
+    mismatch with an existing store, unreadable image without --skip-bad, disk full).
+    """
+    from .datasets import create_dataset
+    from .datasets.torch_dataset import RecordDataset, collate
+    from .models import create_model
+
+    rank, world, barrier = _dist_state()
+    torch.manual_seed(cfg.seed)
+    src = create_dataset(cfg.dataset, root=cfg.data, split=cfg.split, **cfg.dataset_options)
+    n_images = len(src) if cfg.limit is None else min(cfg.limit, len(src))
+    model = create_model(cfg.model, weights=cfg.weights, device=cfg.device)
+    pre = model.preprocess
+    overrides = {k: v for k, v in {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std}.items() if v is not None}
+    if overrides:
+        pre = pre.with_overrides(**overrides)
+    hooks = resolve_hooks(model, cfg)
+    specs = _probe_hooks(model, hooks, cfg, tuple(pre.image_size))
+    meta = {
+        "model": model.describe(),
+        "dataset": src.describe(),
+        "preprocessing": pre.to_dict(),
+        "class_names": src.class_names,
+        "tokens": cfg.tokens,
+        "keep_registers": cfg.keep_registers,
+        "seed": cfg.seed,
+    }
+
+    st = _create_or_resume(cfg, specs, meta, n_images, rank, barrier)
+    result = Result(store=cfg.out, hooks=hooks, n_images=n_images, rank=rank, world_size=world)
+    if st.complete:
+        result.update(images_written=0, bytes_written=0, seconds=0.0, complete=True, already_complete=True)
+        return result
+
+    chunks = st.pending_chunks(rank, world)
+    labels_all = src.labels()[:n_images]
+    ids_all = src.image_ids()[:n_images]
+    t0 = time.perf_counter()
+    n_written = _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all, RecordDataset, collate, on_progress)
+    elapsed = time.perf_counter() - t0
+    barrier()
+    complete = False
+    if rank == 0:
+        st = open_store(cfg.out, mode="r+")
+        if st.done().all():
+            st.finalize()
+            complete = True
+    result.update(
+        images_written=n_written["images"],
+        bytes_written=n_written["bytes"],
+        seconds=elapsed,
+        write_seconds=n_written["write_s"],
+        wait_seconds=n_written["wait_s"],
+        complete=complete,
+        already_complete=False,
+    )
+    return result
+
+
+def _create_or_resume(cfg: RecordConfig, specs, meta, n_images: int, rank: int, barrier) -> Store:
+    exists = os.path.exists(os.path.join(cfg.out, "zarr.json")) if "://" not in cfg.out else False
+    if rank == 0:
+        if exists and not cfg.overwrite:
+            st = open_store(cfg.out, mode="r+")
+            diffs = metadata_diff(st.attrs, meta, specs, cfg.store_dtype, n_images)
+            if diffs:
+                raise UserError(
+                    f"{cfg.out} was recorded with different settings, so this run cannot resume it:\n  "
+                    + "\n  ".join(diffs)
+                    + "\nRerun with the store's settings, choose another --out, or pass --overwrite to start over."
+                )
+        else:
+            create_store(
+                cfg.out,
+                n_images=n_images,
+                hooks=specs,
+                store_dtype=cfg.store_dtype,
+                chunk_bytes=cfg.chunk_mib << 20,
+                metadata=meta,
+                overwrite=cfg.overwrite,
+            )
+    barrier()
+    return open_store(cfg.out, mode="r+")
+
+
+def _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all, RecordDataset, collate, on_progress):
+    """The loop: load batches, run the model, assemble chunks, hand them to the writer."""
+    batches = _chunk_batches(st, chunks, cfg.batch_size)
+    ds = RecordDataset(src, pre.transform, indices=None)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_sampler=batches,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        pin_memory=cfg.device.startswith("cuda"),
+        persistent_workers=False,
+        prefetch_factor=4 if cfg.num_workers > 0 else None,
+    )
+    counts = {"images": 0, "bytes": 0, "write_s": 0.0, "wait_s": 0.0}
+    pending: dict[int, dict] = {}  # chunk -> buffers being filled
+
+    def new_buffers(i: int) -> dict:
+        start, stop = st.chunk_bounds(i)
+        n = stop - start
+        return {
+            "start": start,
+            "filled": 0,
+            "acts": {h: np.zeros((n, st.hook(h).n_tokens, st.hook(h).d), dtype=np.float32) for h in hooks},
+            "valid": np.ones(n, dtype=bool),
+        }
+
+    chunk_of = lambda idx: idx // st.images_per_chunk  # noqa: E731
+    bar = _progress(cfg, total=sum(len(b) for b in batches))
+    written_bytes = [0]
+
+    def on_written(block: Block):
+        written_bytes[0] += block.n_bytes
+
+    try:
+        with BlockWriter(st, on_written=on_written) as writer:
+            for batch in loader:
+                idx, x, ok, errors = batch
+                if not bool(ok.all()):
+                    bad = [(int(i), e) for i, o, e in zip(idx, ok, errors) if not o]
+                    if not cfg.skip_bad:
+                        i, e = bad[0]
+                        raise UserError(
+                            f"cannot read image {i} ({ids_all[i]}): {e}. Fix or remove the file, or rerun with "
+                            "--skip-bad to record it as invalid (readers skip invalid images); finished chunks are kept."
+                        )
+                with torch.inference_mode():
+                    out = model.capture(x.to(cfg.device, non_blocking=True), hooks, keep_registers=cfg.keep_registers, tokens=cfg.tokens)
+                out_np = {h: out[h].float().cpu().numpy() for h in hooks}
+                i = chunk_of(int(idx[0]))
+                buf = pending.setdefault(i, new_buffers(i))
+                lo = int(idx[0]) - buf["start"]
+                hi = lo + len(idx)
+                for h in hooks:
+                    buf["acts"][h][lo:hi] = out_np[h]
+                buf["valid"][lo:hi] = ok.numpy().astype(bool)
+                buf["filled"] += len(idx)
+                if buf["filled"] == len(buf["valid"]):
+                    del pending[i]
+                    start = buf["start"]
+                    stop = start + len(buf["valid"])
+                    valid = buf["valid"]
+                    acts = buf["acts"]
+                    for h in hooks:
+                        acts[h][~valid] = 0.0  # an unreadable image stores zeros, flagged invalid
+                    writer.submit(Block(i, acts, labels_all[start:stop], ids_all[start:stop], valid))
+                counts["images"] += len(idx)
+                if bar is not None:
+                    bar.update(len(idx))
+                    el = max(bar.format_dict["elapsed"], 1e-9)
+                    bar.set_postfix_str(f"{written_bytes[0] / 2**20 / el:.1f} MB/s written", refresh=False)
+                if on_progress is not None:
+                    on_progress(counts["images"], len(batches))
+        counts["write_s"], counts["wait_s"] = writer.write_s, writer.wait_s
+    except WriterError as err:
+        if isinstance(err.err, OSError) and getattr(err.err, "errno", None) == 28:
+            raise UserError(
+                f"the disk holding {cfg.out} is full (while writing chunk {err.chunk}). Free space and rerun the same "
+                "command: finished chunks are kept and the rest resume."
+            ) from err
+        raise UserError(f"writing chunk {err.chunk} of {cfg.out} failed: {err.err}. Rerun the same command to resume.") from err
+    finally:
+        if bar is not None:
+            bar.close()
+    counts["bytes"] = written_bytes[0]
+    return counts
+
+
+def _progress(cfg: RecordConfig, total: int):
+    if cfg.quiet:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="record", dynamic_ncols=True, file=sys.stderr)
+
+
+if __name__ == "__main__":  # `accelerate launch -m saev_store.record ...`
+    from .cli import main
+
+    main(["record", *sys.argv[1:]])

@@ -1,0 +1,112 @@
+"""A background writer: image blocks go to disk while the model computes the next batches.
+
+The recorder hands finished blocks to `BlockWriter.submit`; a thread writes them with
+`Store.write_block`. The queue is bounded (`max_pending` blocks, each up to 64 MiB per hook), so a
+disk slower than the model applies back-pressure instead of filling memory, and the model never
+waits for the disk otherwise. An error in the thread (disk full, permissions) is raised again in
+the caller at its next `submit` or at `close`, naming the chunk.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from .store import Store
+
+
+class Block(NamedTuple):
+    """One chunk's worth of recorded images, ready to write."""
+
+    chunk: int
+    acts: dict[str, np.ndarray]
+    labels: np.ndarray
+    image_ids: list[str]
+    valid: np.ndarray
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(a.nbytes for a in self.acts.values())
+
+
+class WriterError(RuntimeError):
+    """Writing chunk `chunk` failed; `__cause__` holds the original error."""
+
+    def __init__(self, chunk: int, err: BaseException):
+        super().__init__(f"writing chunk {chunk} failed: {err}")
+        self.chunk = chunk
+        self.err = err
+
+
+class BlockWriter:
+    """Writes submitted blocks in a background thread; use as a context manager."""
+
+    def __init__(self, st: Store, max_pending: int = 2, on_written: Callable[[Block], None] | None = None):
+        self.st = st
+        self.on_written = on_written
+        self._q: queue.Queue[Block | None] = queue.Queue(maxsize=max_pending)
+        self._error: WriterError | None = None
+        self.write_s = 0.0
+        """Seconds the thread spent writing (the disk's share of the run)."""
+        self.wait_s = 0.0
+        """Seconds `submit` waited for a free slot (the model waiting for the disk)."""
+        self._thread = threading.Thread(target=self._run, name="saev-store-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            block = self._q.get()
+            if block is None:
+                return
+            if self._error is not None:
+                continue  # drain without writing after a failure
+            t0 = time.perf_counter()
+            try:
+                self.st.write_block(block.chunk, block.acts, labels=block.labels, image_ids=block.image_ids, valid=block.valid)
+            except BaseException as err:  # surfaced in the caller's thread
+                self._error = WriterError(block.chunk, err)
+                self._error.__cause__ = err
+                continue
+            self.write_s += time.perf_counter() - t0
+            if self.on_written is not None:
+                self.on_written(block)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, block: Block) -> None:
+        self._raise_if_failed()
+        t0 = time.perf_counter()
+        while True:
+            try:
+                self._q.put(block, timeout=0.1)
+                break
+            except queue.Full:
+                self._raise_if_failed()
+        self.wait_s += time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Finish every submitted block, stop the thread, raise any write error."""
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+        self._raise_if_failed()
+
+    def __enter__(self) -> "BlockWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            # Already failing (Ctrl-C, model error): still finish what was handed over, since each
+            # finished block is work a rerun need not redo; a second error must not mask the first.
+            try:
+                self.close()
+            except WriterError:
+                pass
