@@ -75,10 +75,7 @@ ARRAYS: dict[str, str] = {
     "image_ids": "(n_images,) string; file path or dataset key; chunks (images_per_chunk,).",
     "valid": "(n_images,) bool; false for images that could not be read (--skip-bad) or are not written yet.",
     "done": "(n_chunks,) bool; chunk i is complete in every array above; chunks (1,).",
-    "stats/<hook>/<sel>/block_sum": "(n_chunks, d) float64; per chunk, sum of the selected rows of valid images.",
-    "stats/<hook>/<sel>/block_sumsq": "(n_chunks,) float64; per chunk, sum of squared row norms.",
-    "stats/<hook>/<sel>/block_sumnorm": "(n_chunks,) float64; per chunk, sum of row norms.",
-    "stats/<hook>/<sel>/block_count": "(n_chunks,) int64; per chunk, number of rows summed.",
+    "stats/<hook>/block_sums": "(n_chunks, n_sel, d + 3) float64; per chunk and selection: row sum, sum of squared norms, sum of norms, row count.",
     "stats/<hook>/<sel>/mean": "(d,) float64; mean row, written when recording completes.",
 }
 
@@ -88,15 +85,18 @@ STATS_FIELDS: dict[str, str] = {
     "mean_norm": "float; mean ||x|| of the raw rows.",
 }
 
-BLOCK_STATS = ("block_sum", "block_sumsq", "block_sumnorm", "block_count")
+BLOCK_SUMS = "block_sums"
+"""Per hook, one (n_chunks, n_sel, d + 3) float64 array: for each chunk and token selection (in the
+order of the array's `selections` attribute) the columns are [sum of rows (d), sum of squared row
+norms, sum of row norms, row count]. One small write per chunk instead of one per statistic."""
 
 
 def acts_path(hook: str) -> str:
     return f"{ACTS}/{hook}"
 
 
-def stats_path(hook: str, tokens: str) -> str:
-    return f"{STATS}/{hook}/{tokens}"
+def stats_path(hook: str, tokens: str | None = None) -> str:
+    return f"{STATS}/{hook}" if tokens is None else f"{STATS}/{hook}/{tokens}"
 
 
 def check_hook_name(name: str) -> str:

@@ -35,7 +35,7 @@ from . import __version__
 from . import format as fmt
 from .errors import UserError
 from .layout import TokenLayout
-from .stats import BlockStats, Moments, Normalizer, block_stats, reduce_blocks
+from .stats import BlockStats, Moments, Normalizer, TokenSums, reduce_blocks, token_sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +74,28 @@ class HookInfo:
     @property
     def bytes_per_image(self) -> int:
         return self.n_tokens * self.d * np.dtype(fmt.ON_DISK_DTYPE[self.store_dtype]).itemsize
+
+
+def write_chunk_file(fpath: str, stored: np.ndarray, pad_to: int) -> None:
+    """Write a chunk file as zarr's bytes+crc32c codecs would: little-endian array bytes, zero
+    padding up to the full chunk (zarr stores the edge chunk at full shape, fill value 0), then a
+    4-byte little-endian CRC-32C. Written to a temporary file and renamed, so a crash leaves
+    either the old file or the new one."""
+    import crc32c
+
+    data = np.ascontiguousarray(stored, dtype=stored.dtype.newbyteorder("<"))
+    pad = (pad_to - data.shape[0]) * int(np.prod(data.shape[1:])) * data.itemsize
+    crc = crc32c.crc32c(data.data)
+    if pad:
+        crc = crc32c.crc32c(bytes(pad), value=crc)
+    os.makedirs(os.path.dirname(fpath), exist_ok=True)
+    tmp_fpath = f"{fpath}.{os.getpid()}.partial"
+    with open(tmp_fpath, "wb") as f:
+        f.write(data.data)
+        if pad:
+            f.write(bytes(pad))
+        f.write(crc.to_bytes(4, "little"))
+    os.replace(tmp_fpath, fpath)
 
 
 def _is_url(path: str) -> bool:
@@ -163,12 +185,10 @@ def create_store(
             compressors=[zarr.codecs.Crc32cCodec()],
         ).attrs.update({"dtype": store_dtype, "layout": spec.layout.to_dict()})
         hook_entries[name] = {"n_tokens": spec.n_tokens, "d": spec.d, "layout": spec.layout.to_dict(), "module": spec.module}
-        for sel in spec.layout.selections():
-            base = fmt.stats_path(name, sel)
-            _chunk_array(root, f"{base}/block_sum", (n_chunks, spec.d), (1, spec.d), "float64", 0.0)
-            _chunk_array(root, f"{base}/block_sumsq", (n_chunks,), (1,), "float64", 0.0)
-            _chunk_array(root, f"{base}/block_sumnorm", (n_chunks,), (1,), "float64", 0.0)
-            _chunk_array(root, f"{base}/block_count", (n_chunks,), (1,), "int64", 0)
+        sels = spec.layout.selections()
+        _chunk_array(
+            root, f"{fmt.stats_path(name)}/{fmt.BLOCK_SUMS}", (n_chunks, len(sels), spec.d + 3), (1, len(sels), spec.d + 3), "float64", 0.0
+        ).attrs.update({"selections": list(sels), "columns": ["sum"] * spec.d + ["sumsq", "sumnorm", "count"]})
     _chunk_array(root, fmt.LABELS, (n_images,), (images_per_chunk,), "int32", -1)
     root.create_array(fmt.IMAGE_IDS, shape=(n_images,), chunks=(images_per_chunk,), dtype=str, config={"write_empty_chunks": True})
     _chunk_array(root, fmt.VALID, (n_images,), (images_per_chunk,), "bool", False)
@@ -352,8 +372,10 @@ class Store:
         info = self.hook(hook)
         if tokens not in info.layout.selections():
             raise UserError(f"hook {hook!r} stores no {tokens!r} tokens; it has: {', '.join(info.layout.selections())}.")
-        base = fmt.stats_path(hook, tokens)
-        return reduce_blocks(*(np.asarray(self.array(f"{base}/{k}")[:]) for k in fmt.BLOCK_STATS))
+        arr = self.array(f"{fmt.stats_path(hook)}/{fmt.BLOCK_SUMS}")
+        sums = np.asarray(arr[:, list(arr.attrs["selections"]).index(tokens)])
+        d = info.d
+        return reduce_blocks(sums[:, :d], sums[:, d], sums[:, d + 1], sums[:, d + 2])
 
     def normalizer(self, hook: str, tokens: str = "patches") -> Normalizer:
         """The input normalization of a hook's selected tokens from the stored statistics."""
@@ -390,13 +412,15 @@ class Store:
             if tuple(x.shape) != want:
                 raise ValueError(f"write_block: hook {hook!r} got shape {tuple(x.shape)}, chunk {i} needs {want}.")
             stored = fmt.encode_acts(np.asarray(x), self.store_dtype)
-            if not np.all(np.isfinite(fmt.decode_acts(stored, self.store_dtype)[valid])):
+            decoded = stored if self.store_dtype == "float32" else fmt.decode_acts(stored, self.store_dtype)
+            sums = token_sums(decoded if valid.all() else decoded[valid])
+            if sums is None:
                 raise UserError(
                     f"chunk {i} of hook {hook!r} holds NaN or inf activations (images {start}..{stop - 1}); "
                     "refusing to store them. Check the model's weights and inputs, or use a wider --store-dtype."
                 )
-            self.acts(hook)[start:stop] = stored
-            self._write_block_stats(hook, i, fmt.decode_acts(stored, self.store_dtype)[valid])
+            self._write_acts_chunk(hook, i, stored)
+            self._write_block_stats(hook, i, sums)
         lab = np.full(n, -1, dtype=np.int32) if labels is None else np.asarray(labels, dtype=np.int32)
         self.array(fmt.LABELS)[start:stop] = lab
         ids = [""] * n if image_ids is None else [str(s) for s in image_ids]
@@ -407,16 +431,34 @@ class Store:
         # Last: the chunk is done only once everything above is on disk.
         self.array(fmt.DONE)[i] = True
 
-    def _write_block_stats(self, hook: str, i: int, x_ntd: np.ndarray) -> None:
+    def _write_acts_chunk(self, hook: str, i: int, stored: np.ndarray) -> None:
+        """Write one activation chunk. A local store with the default codecs gets the chunk file
+        written directly (raw bytes + crc32c, to a temporary file renamed into place): the same
+        bytes zarr writes, at about twice zarr's speed (benchmarks/record.py)."""
+        start, stop = self.chunk_bounds(i)
+        fpath = self.chunk_fpath(hook, i)
+        if fpath is None or not self._default_codecs(hook):
+            self.acts(hook)[start:stop] = stored
+            return
+        write_chunk_file(fpath, stored, pad_to=self.images_per_chunk)
+
+    def _default_codecs(self, hook: str) -> bool:
+        codecs = self.acts(hook).metadata.codecs
+        return (
+            len(codecs) == 2
+            and isinstance(codecs[0], zarr.codecs.BytesCodec)
+            and codecs[0].endian is not None
+            and codecs[0].endian.value == "little"
+            and isinstance(codecs[1], zarr.codecs.Crc32cCodec)
+        )
+
+    def _write_block_stats(self, hook: str, i: int, sums: "TokenSums") -> None:
         layout = self.hook(hook).layout
+        rows = []
         for sel in layout.selections():
-            rows = x_ntd[:, layout.indices(sel), :].reshape(-1, x_ntd.shape[-1])
-            s: BlockStats = block_stats(rows)
-            base = fmt.stats_path(hook, sel)
-            self.array(f"{base}/block_sum")[i] = s.sum_d
-            self.array(f"{base}/block_sumsq")[i] = s.sumsq
-            self.array(f"{base}/block_sumnorm")[i] = s.sumnorm
-            self.array(f"{base}/block_count")[i] = s.count
+            s: BlockStats = sums.select(layout.indices(sel))
+            rows.append(np.concatenate([s.sum_d, [s.sumsq, s.sumnorm, float(s.count)]]))
+        self.array(f"{fmt.stats_path(hook)}/{fmt.BLOCK_SUMS}")[i] = np.stack(rows)
 
     def finalize(self) -> None:
         """Reduce the per-chunk statistics and mark the store complete. Every chunk must be done."""

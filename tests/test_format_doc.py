@@ -60,5 +60,6 @@ def test_documented_fields_are_what_a_store_holds(tmp_path):
             if hasattr(_, "shape"):
                 arrays.add(f"{name}/{sub}")
     generic = {a.replace("acts/h", "acts/<hook>").replace("stats/h/patches", "stats/<hook>/<sel>")
-               .replace("stats/h/cls", "stats/<hook>/<sel>").replace("stats/h/all", "stats/<hook>/<sel>") for a in arrays}
+               .replace("stats/h/cls", "stats/<hook>/<sel>").replace("stats/h/all", "stats/<hook>/<sel>")
+               .replace("stats/h/", "stats/<hook>/") for a in arrays}
     assert generic == set(fmt.ARRAYS)
