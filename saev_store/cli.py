@@ -65,6 +65,7 @@ def _floats3(value):
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images as invalid instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store at --out and start over.")
 @click.option("--chunk-mib", default=32, show_default=True, type=int, help="Target chunk size (8-64 MiB).")
+@click.option("--images-per-chunk", default=None, type=int, help="Images per chunk, overriding --chunk-mib.")
 @click.option("--image-size", default=None, type=int, help="Override the model's input size (square).")
 @click.option("--mean", default=None, help="Override normalization mean, e.g. 0.485,0.456,0.406.")
 @click.option("--std", default=None, help="Override normalization std.")

@@ -76,6 +76,8 @@ class RecordConfig:
     """Delete an existing store and start over."""
     chunk_mib: int = 32
     """Target chunk size for the largest hook (8-64 MiB)."""
+    images_per_chunk: int | None = None
+    """Images per chunk, overriding --chunk-mib (small stores, tests)."""
     image_size: int | None = None
     """Override the model's input size (square), e.g. for a fast demo."""
     mean: tuple[float, float, float] | None = None
@@ -194,6 +196,7 @@ def record(cfg: RecordConfig, on_progress: Callable[[int, int], None] | None = N
     overrides = {k: v for k, v in {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std}.items() if v is not None}
     if overrides:
         pre = pre.with_overrides(**overrides)
+        model.preprocess = pre  # token layouts follow the input size (a CNN's grid, a ViT's patches)
     hooks = resolve_hooks(model, cfg)
     specs = _probe_hooks(model, hooks, cfg, tuple(pre.image_size))
     meta = {
@@ -256,6 +259,7 @@ def _create_or_resume(cfg: RecordConfig, specs, meta, n_images: int, rank: int, 
                 hooks=specs,
                 store_dtype=cfg.store_dtype,
                 chunk_bytes=cfg.chunk_mib << 20,
+                images_per_chunk=cfg.images_per_chunk,
                 metadata=meta,
                 overwrite=cfg.overwrite,
             )
