@@ -270,7 +270,9 @@ def _create_or_resume(cfg: RecordConfig, specs, meta, n_images: int, rank: int, 
 def _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all, RecordDataset, collate, on_progress):
     """The loop: load batches, run the model, assemble chunks, hand them to the writer."""
     batches = _chunk_batches(st, chunks, cfg.batch_size)
-    ds = RecordDataset(src, pre.transform, indices=None)
+    # Large JPEGs decode at a reduced scale that still covers the resize (libjpeg draft mode).
+    max_side = pre.resize if pre.resize else max(pre.image_size)
+    ds = RecordDataset(src, pre.transform, indices=None, max_side=max_side)
     loader = torch.utils.data.DataLoader(
         ds,
         batch_sampler=batches,

@@ -1,0 +1,154 @@
+"""Recorder benchmarks, each a ratio to a baseline measured in the same run.
+
+(a) overlap: wall time of `saev-store record` on N images divided by the model's forward pass alone
+    on the same images, already decoded, in the same batches (target <= 1.05: loading, copying and
+    writing hide behind the model);
+(b) write: store write throughput (`Store.write_block` through the background writer, synthetic
+    activations, so writing is the bottleneck) divided by a raw sequential write of the same number
+    of bytes to the same disk, both ending with fsync (target >= 0.8).
+
+    python benchmarks/record.py                                  # EfficientNet-Lite0 on Fashion-MNIST, CPU
+    python benchmarks/record.py --model timm:vit_base_patch16_224 --image-size 224 --n-images 64
+    python benchmarks/record.py --device cuda --n-images 4096 --batch-size 256   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from saev_store.datasets import create_dataset
+from saev_store.layout import TokenLayout
+from saev_store.models import create_model
+from saev_store.record import RecordConfig, record, resolve_hooks
+from saev_store.store import HookSpec, create_store
+from saev_store.writer import Block, BlockWriter
+
+
+def bench_overlap(args, tmp_dpath: str) -> dict:
+    cfg = RecordConfig(
+        out=os.path.join(tmp_dpath, "overlap.zarr"),
+        model=args.model,
+        layers=tuple(args.layer),
+        limit=args.n_images,
+        batch_size=args.batch_size,
+        device=args.device,
+        image_size=args.image_size,
+        num_workers=args.num_workers,
+        quiet=True,
+        overwrite=True,
+    )
+    # Warm-up: one small recording loads the weights and the kernels once for both measurements.
+    record(dataclass_replace(cfg, limit=min(args.batch_size, args.n_images), out=cfg.out + ".warm"))
+    t0 = time.perf_counter()
+    res = record(cfg)
+    record_s = time.perf_counter() - t0
+
+    # Baseline: the same images, decoded beforehand, through the same model in the same batches.
+    model = create_model(args.model, device=args.device)
+    pre = model.preprocess if args.image_size is None else model.preprocess.with_overrides(image_size=args.image_size)
+    model.preprocess = pre
+    hooks = resolve_hooks(model, cfg)
+    src = create_dataset(cfg.dataset, root=cfg.data, split=cfg.split)
+    images = torch.stack([pre.transform(src.load(i)) for i in range(args.n_images)])
+    ipc = res_images_per_chunk(cfg.out)
+    batches = [(b, min(b + args.batch_size, min(c + ipc, args.n_images))) for c in range(0, args.n_images, ipc) for b in range(c, min(c + ipc, args.n_images), args.batch_size)]
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    with torch.inference_mode():
+        model.capture(images[: args.batch_size].to(args.device), hooks)
+        sync()
+        t0 = time.perf_counter()
+        for lo, hi in batches:
+            out = model.capture(images[lo:hi].to(args.device), hooks)
+        sync()
+        forward_s = time.perf_counter() - t0
+    del out
+    return {"record_s": record_s, "forward_s": forward_s, "ratio": record_s / forward_s, "images": res["images_written"], "hooks": hooks}
+
+
+def dataclass_replace(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **kw)
+
+
+def res_images_per_chunk(out: str) -> int:
+    from saev_store.store import open_store
+
+    return open_store(out).images_per_chunk
+
+
+def bench_write(args, tmp_dpath: str) -> dict:
+    n_tokens, d = 197, 768  # a ViT-B/16 layer: the shape real stores hold
+    lay = TokenLayout(n_tokens, cls=0, grid=(14, 14), grid_start=1)
+    n_images = max(1, int(args.write_mb * 2**20 / (n_tokens * d * 4)))
+    st = create_store(os.path.join(tmp_dpath, "write.zarr"), n_images=n_images, hooks={"h": HookSpec(d, lay)})
+    rng = np.random.default_rng(0)
+    block = rng.standard_normal((st.images_per_chunk, n_tokens, d), dtype=np.float32)
+    labels = np.zeros(st.images_per_chunk, np.int32)
+    n_bytes = n_images * n_tokens * d * 4
+    os.sync()
+    t0 = time.perf_counter()
+    with BlockWriter(st) as writer:
+        for i in range(st.n_chunks):
+            a, b = st.chunk_bounds(i)
+            n = b - a
+            writer.submit(Block(i, {"h": block[:n]}, labels[:n], [str(j) for j in range(a, b)], np.ones(n, bool)))
+    os.sync()
+    store_s = time.perf_counter() - t0
+
+    raw_fpath = os.path.join(tmp_dpath, "raw.bin")
+    buf = block.tobytes()
+    os.sync()
+    t0 = time.perf_counter()
+    with open(raw_fpath, "wb") as f:
+        written = 0
+        while written < n_bytes:
+            k = min(len(buf), n_bytes - written)
+            f.write(memoryview(buf)[:k])
+            written += k
+        f.flush()
+        os.fsync(f.fileno())
+    raw_s = time.perf_counter() - t0
+    return {"bytes": n_bytes, "store_mb_s": n_bytes / store_s / 1e6, "raw_mb_s": n_bytes / raw_s / 1e6, "ratio": raw_s / store_s}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="efficientnet:lite0")
+    p.add_argument("--layer", type=int, action="append", default=[])
+    p.add_argument("--n-images", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--write-mb", type=float, default=1024, help="bytes written by the write benchmark")
+    p.add_argument("--skip", choices=["overlap", "write"], action="append", default=[])
+    p.add_argument("--dir", default=None, help="where to write (default: a temporary folder on this disk)")
+    args = p.parse_args()
+    tmp_dpath = tempfile.mkdtemp(prefix="saev-bench-", dir=args.dir or os.getcwd())
+    try:
+        if "overlap" not in args.skip:
+            r = bench_overlap(args, tmp_dpath)
+            print(
+                f"overlap  {args.model} {r['hooks']} on {args.device}, {r['images']} images: record {r['record_s']:.2f} s, "
+                f"forward alone {r['forward_s']:.2f} s -> ratio {r['ratio']:.3f} (target <= 1.05)"
+            )
+        if "write" not in args.skip:
+            r = bench_write(args, tmp_dpath)
+            print(
+                f"write    {r['bytes'] / 1e9:.2f} GB: store {r['store_mb_s']:.0f} MB/s, raw sequential write {r['raw_mb_s']:.0f} MB/s "
+                f"-> ratio {r['ratio']:.3f} (target >= 0.8)"
+            )
+    finally:
+        shutil.rmtree(tmp_dpath, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Image datasets the recorder reads by index: one factory, three kinds.
+
+    src = create_dataset("fashion-mnist")                       # Debian's idx files, split "train"
+    src = create_dataset("folder", root="/data/imagenet", split="val")
+    src = create_dataset("hf-disk", root="/data/ds", split="train", image_column="img")
+    img = src.load(0)            # PIL RGB image; BadImageError for a file that cannot be decoded
+"""
+
+from __future__ import annotations
+
+from saev_store.datasets.base import BadImageError, ImageSource
+from saev_store.datasets.images import decode_image, to_rgb
+from saev_store.errors import UserError
+
+__all__ = ["create_dataset", "list_datasets", "dataset_help", "ImageSource", "BadImageError", "to_rgb", "decode_image"]
+
+_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "fashion-mnist": ("Fashion-MNIST idx files (default root /usr/share/datasets/fashion-mnist; "
+                      "splits train, test, all)", ()),
+    "folder": ("a directory of image files, one subfolder per class (or flat: unlabeled)", ()),
+    "hf-disk": ("a Hugging Face datasets directory written by save_to_disk", ("image_column", "label_column")),
+}
+"""kind -> (one-line description, options it accepts)."""
+
+
+def list_datasets() -> list[str]:
+    """Dataset kinds `create_dataset` accepts (for a CLI's choices)."""
+    return list(_KINDS)
+
+
+def dataset_help(kind: str) -> str:
+    """One-line description of a dataset kind (for CLI help)."""
+    if kind not in _KINDS:
+        raise UserError(f"Unknown dataset kind {kind!r}; pass one of {', '.join(_KINDS)}.")
+    return _KINDS[kind][0]
+
+
+def create_dataset(kind: str, root: str | None = None, split: str | None = None, **options) -> ImageSource:
+    """Open a dataset of kind `kind` ("fashion-mnist", "folder" or "hf-disk") at `root`.
+
+    `split`: fashion-mnist: "train" (default), "test" or "all"; folder: the subfolder `root/split`
+    when it exists, else ignored; hf-disk: required for a DatasetDict, ignored for a Dataset.
+    `options` (hf-disk only): `image_column` (default "image"), `label_column` (default "label" when
+    present, else unlabeled). Options passed as None count as not given.
+
+    Raises UserError for an unknown kind or option, or a missing/invalid dataset.
+    """
+    if kind not in _KINDS:
+        raise UserError(f"Unknown dataset kind {kind!r}; pass one of {', '.join(_KINDS)}.")
+    options = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(options) - set(_KINDS[kind][1]))
+    if unknown:
+        accepted = ", ".join(_KINDS[kind][1]) or "none"
+        raise UserError(f"Dataset kind {kind!r} does not take option(s) {', '.join(unknown)} (it accepts: {accepted}).")
+    if kind == "fashion-mnist":
+        from saev_store.datasets.fashion_mnist import FashionMnist
+
+        return FashionMnist(root, split)
+    if kind == "folder":
+        from saev_store.datasets.folder import ImageFolder
+
+        return ImageFolder(root, split)
+    from saev_store.datasets.hf_disk import HfDisk
+
+    return HfDisk(root, split, **options)

@@ -1,0 +1,93 @@
+"""A torch Dataset over an ImageSource for the recorder's DataLoader: bad images become flagged rows.
+
+A bad image must not kill a DataLoader worker (the whole run would die with a worker traceback), so
+`__getitem__` catches `BadImageError` and returns a zero image with `ok=False` and the reason (what
+is wrong, naming the file for file-backed sources); the recorder then stops with a message naming the
+image, or with --skip-bad records the image as invalid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from PIL import Image
+
+from saev_store.datasets.base import BadImageError, ImageSource
+
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+class RecordBatch(NamedTuple):
+    """One collated batch of `RecordDataset` items."""
+
+    index: torch.Tensor
+    """(b,) int64 dataset index of each image."""
+    images: torch.Tensor
+    """(b, 3, H, W) float32 transformed images; all zeros where `ok` is False."""
+    ok: torch.Tensor
+    """(b,) bool: False where the image could not be decoded."""
+    errors: list[str]
+    """Per image, "" or `BadImageError.reason` (without the "repair or --skip-bad" advice, which the
+    caller adds once, with the image id)."""
+
+
+class RecordDataset(torch.utils.data.Dataset):
+    """`src` images `indices` (all when None) through `transform`, as `(index, image, ok, error)`.
+
+    * `transform` maps an RGB PIL image to a float tensor (3, H, W) of one fixed shape (the model's
+      preprocessing). It must be picklable for num_workers > 0 (torchvision transforms are).
+    * `max_side` is passed to `src.load` so large JPEGs decode at reduced size.
+    * `image_shape`: shape of the zero image returned for a bad image; by default the shape
+      `transform` gives a blank image (computed once per process, only when needed).
+
+    Picklable: sources hold paths and open their files lazily in each worker.
+    """
+
+    def __init__(self, src: ImageSource, transform: Transform, indices: Sequence[int] | None = None, *,
+                 max_side: int | None = None, image_shape: tuple[int, int, int] | None = None):
+        self.src = src
+        self.transform = transform
+        self.indices = list(range(len(src))) if indices is None else [int(i) for i in indices]
+        n = len(src)
+        bad = [i for i in self.indices if not 0 <= i < n]
+        if bad:
+            raise IndexError(f"RecordDataset: indices {bad[:5]} are outside the dataset's 0..{n - 1}.")
+        self.max_side = max_side
+        self.image_shape = None if image_shape is None else tuple(image_shape)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> tuple[int, torch.Tensor, bool, str]:
+        index = self.indices[j]
+        try:
+            img = self.src.load(index, max_side=self.max_side)
+        except BadImageError as err:
+            return index, torch.zeros(self._blank_shape(), dtype=torch.float32), False, err.reason
+        return index, self._apply(img), True, ""
+
+    def _apply(self, img: Image.Image) -> torch.Tensor:
+        x = self.transform(img)
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[0] != 3:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"RecordDataset: transform must return a (3, H, W) tensor, got {got}.")
+        return x.to(torch.float32)
+
+    def _blank_shape(self) -> tuple[int, int, int]:
+        if self.image_shape is None:
+            # Any blank image: the recorder's transforms resize/crop to a fixed size.
+            self.image_shape = tuple(self._apply(Image.new("RGB", (256, 256))).shape)
+        return self.image_shape
+
+
+def collate(items: list[tuple[int, torch.Tensor, bool, str]]) -> RecordBatch:
+    """Stack `RecordDataset` items into a `RecordBatch` (use as the DataLoader's collate_fn)."""
+    index, images, ok, errors = zip(*items)
+    return RecordBatch(
+        index=torch.tensor(index, dtype=torch.int64),
+        images=torch.stack(images),
+        ok=torch.tensor(ok, dtype=torch.bool),
+        errors=list(errors),
+    )
