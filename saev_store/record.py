@@ -130,14 +130,20 @@ def metadata_diff(store_attrs: dict, meta: dict, hooks: dict[str, HookSpec], sto
     return diffs
 
 
-def _dist_state():
-    """(rank, world_size, barrier) from accelerate when launched with several processes."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+def _dist_state(device: str):
+    """(rank, world_size, barrier) for a run under `accelerate launch` or `torchrun` (both set
+    RANK/WORLD_SIZE/MASTER_ADDR); a plain run is rank 0 of 1. Recording needs no collective but
+    the barriers around creating and finalizing the store, so gloo serves on any device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, lambda: None
+    import torch.distributed as dist
 
-        state = PartialState()
-        return state.process_index, state.num_processes, state.wait_for_everyone
-    return 0, 1, lambda: None
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    if device.startswith("cuda") and torch.cuda.is_available() and ":" not in device:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size(), dist.barrier
 
 
 def resolve_hooks(model, cfg: RecordConfig) -> list[str]:
@@ -187,7 +193,7 @@ def record(cfg: RecordConfig, on_progress: Callable[[int, int], None] | None = N
     from .datasets.torch_dataset import RecordDataset, collate
     from .models import create_model
 
-    rank, world, barrier = _dist_state()
+    rank, world, barrier = _dist_state(cfg.device)
     torch.manual_seed(cfg.seed)
     src = create_dataset(cfg.dataset, root=cfg.data, split=cfg.split, **cfg.dataset_options)
     n_images = len(src) if cfg.limit is None else min(cfg.limit, len(src))
