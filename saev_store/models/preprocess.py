@@ -1,0 +1,207 @@
+"""Image preprocessing: PIL RGB image -> normalized float tensor (3, H, W).
+
+One small dataclass says everything a store needs to reproduce a model's input: the crop, the resize,
+the interpolation and the normalization. Each backend fills it from the model's own configuration
+(timm's data config, open_clip's preprocess config, an HF image-processor config); a user may override
+fields with `with_overrides`.
+
+The transform is plain PIL + numpy and mirrors torchvision's `Resize(int)` + `CenterCrop` + `ToTensor`
++ `Normalize` step for step (same output-size rounding, same crop offsets, same float32 arithmetic), so
+it gives the same tensor as timm's and open_clip's evaluation transforms without importing torchvision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from saev_store.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)
+
+# PIL's resampling filters by the names timm, open_clip and torchvision use.
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+# HF image processors store PIL's integer codes.
+_PIL_CODES = {int(v): k for k, v in INTERPOLATIONS.items()}
+
+Crop = Literal["center", "none"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """How an image becomes a model input. Stored in the store's metadata."""
+
+    image_size: tuple[int, int] = (224, 224)
+    """Model input (height, width) in pixels."""
+    resize: int | None = 256
+    """crop='center': the shorter side is resized to this many pixels (aspect kept), then the center
+    `image_size` is cut out; must be >= both sides of `image_size`. crop='none': must be None."""
+    crop: Crop = "center"
+    """'center' (resize shorter side, center crop) or 'none' (resize the whole image to `image_size`,
+    aspect not kept)."""
+    interpolation: str = "bicubic"
+    """Resampling filter: one of nearest, bilinear, bicubic, lanczos, box, hamming."""
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Per-channel RGB mean, in [0, 1] pixel units, subtracted after scaling pixels to [0, 1]."""
+    std: tuple[float, float, float] = IMAGENET_STD
+    """Per-channel RGB standard deviation, in [0, 1] pixel units."""
+
+    def __post_init__(self):
+        size = tuple(int(s) for s in self.image_size) if not isinstance(self.image_size, int) else (int(self.image_size),) * 2
+        object.__setattr__(self, "image_size", size)
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if self.resize is not None:
+            object.__setattr__(self, "resize", int(self.resize))
+        if len(size) != 2 or min(size) < 1:
+            raise UserError(f"preprocess image_size={self.image_size} must be two positive ints (height, width).")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise UserError(f"preprocess mean={self.mean} and std={self.std} need 3 values each (R, G, B).")
+        if min(self.std) <= 0:
+            raise UserError(f"preprocess std={self.std} must be positive.")
+        if self.interpolation not in INTERPOLATIONS:
+            raise UserError(f"preprocess interpolation={self.interpolation!r} is unknown; use one of {sorted(INTERPOLATIONS)}.")
+        if self.crop == "center":
+            if self.resize is None or self.resize < max(size):
+                raise UserError(
+                    f"preprocess crop='center' needs resize >= max(image_size)={max(size)}, got resize={self.resize}; "
+                    "raise resize or use crop='none'."
+                )
+        elif self.crop == "none":
+            if self.resize is not None:
+                raise UserError("preprocess crop='none' resizes straight to image_size; set resize=None.")
+        else:
+            raise UserError(f"preprocess crop={self.crop!r} is unknown; use 'center' or 'none'.")
+
+    @property
+    def crop_pct(self) -> float:
+        """Fraction of the resized shorter side kept by the crop (timm's crop_pct); 1.0 for crop='none'."""
+        return 1.0 if self.resize is None else max(self.image_size) / self.resize
+
+    def with_overrides(
+        self,
+        *,
+        image_size: int | tuple[int, int] | None = None,
+        resize: int | None = None,
+        crop: Crop | None = None,
+        interpolation: str | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+    ) -> "PreprocessConfig":
+        """A copy with some fields replaced. A new image_size without a new resize keeps the crop ratio."""
+        changes: dict = {}
+        if image_size is not None:
+            size = (int(image_size),) * 2 if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+            changes["image_size"] = size
+            if resize is None and self.resize is not None and (crop or self.crop) == "center":
+                # Integer arithmetic keeps e.g. 224/256 -> 448/512 exact.
+                changes["resize"] = max(size) * self.resize // max(self.image_size)
+        if crop is not None:
+            changes["crop"] = crop
+            if crop == "none" and resize is None:
+                changes["resize"] = None
+            if crop == "center" and resize is None and "resize" not in changes and self.resize is None:
+                changes["resize"] = max(changes.get("image_size", self.image_size))
+        if resize is not None:
+            changes["resize"] = resize
+        if interpolation is not None:
+            changes["interpolation"] = interpolation
+        if mean is not None:
+            changes["mean"] = tuple(mean)
+        if std is not None:
+            changes["std"] = tuple(std)
+        return dataclasses.replace(self, **changes)
+
+    def transform(self, img: Image.Image) -> torch.Tensor:
+        """PIL image (any mode; converted to RGB) -> float32 tensor (3, H, W), normalized. Deterministic."""
+        img = img.convert("RGB")
+        resample = INTERPOLATIONS[self.interpolation]
+        h_out, w_out = self.image_size
+        if self.crop == "center":
+            w, h = img.size
+            short, long = (w, h) if w <= h else (h, w)
+            # torchvision's Resize(int) rule: the long side is truncated, not rounded.
+            new_short, new_long = self.resize, int(self.resize * long / short)
+            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+            if (new_w, new_h) != (w, h):
+                img = img.resize((new_w, new_h), resample)
+            top = int(round((new_h - h_out) / 2.0))
+            left = int(round((new_w - w_out) / 2.0))
+            img = img.crop((left, top, left + w_out, top + h_out))
+        elif img.size != (w_out, h_out):
+            img = img.resize((w_out, h_out), resample)
+        x_hwc = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+        x_chw = x_hwc.permute(2, 0, 1).to(torch.float32).div(255)
+        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
+        return x_chw.sub_(mean).div_(std).contiguous()
+
+    __call__ = transform
+
+    def to_dict(self) -> dict:
+        return {
+            "image_size": list(self.image_size),
+            "resize": self.resize,
+            "crop": self.crop,
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        return cls(
+            image_size=tuple(d["image_size"]),
+            resize=d.get("resize"),
+            crop=d.get("crop", "center"),
+            interpolation=d.get("interpolation", "bicubic"),
+            mean=tuple(d["mean"]),
+            std=tuple(d["std"]),
+        )
+
+    @classmethod
+    def from_crop_pct(
+        cls,
+        image_size: int | tuple[int, int],
+        crop_pct: float,
+        *,
+        interpolation: str = "bicubic",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    ) -> "PreprocessConfig":
+        """timm's convention: resize the shorter side to floor(max(image_size) / crop_pct), center crop."""
+        size = (int(image_size),) * 2 if isinstance(image_size, int) else tuple(int(s) for s in image_size)
+        resize = int(math.floor(max(size) / crop_pct))
+        return cls(image_size=size, resize=max(resize, max(size)), crop="center", interpolation=interpolation, mean=mean, std=std)
+
+
+def interpolation_name(value) -> str:
+    """Normalize an interpolation given as a name, a PIL code, or an enum to one of INTERPOLATIONS."""
+    if isinstance(value, str):
+        name = value.lower()
+        if name == "random":  # timm's training-time option; evaluation uses bicubic.
+            return "bicubic"
+        if name in INTERPOLATIONS:
+            return name
+        raise UserError(f"interpolation {value!r} is unknown; use one of {sorted(INTERPOLATIONS)}.")
+    if hasattr(value, "value") and isinstance(value.value, str):  # torchvision InterpolationMode
+        return interpolation_name(value.value)
+    if int(value) in _PIL_CODES:
+        return _PIL_CODES[int(value)]
+    raise UserError(f"interpolation {value!r} is unknown; use one of {sorted(INTERPOLATIONS)}.")
