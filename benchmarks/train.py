@@ -1,0 +1,164 @@
+"""Training throughput of the SAE bank, against baselines measured in the same run.
+
+    python benchmarks/train.py                       # CPU: demo shapes (d=320, widths 4x,8x,16x x 3 L1)
+    python benchmarks/train.py --device cuda --d 768 --width 24576 --n 9 --precision bf16
+
+(a) step efficiency: a nine-SAE training step performs 10 * B * d * sum(d_sae) multiply-adds x2 in
+    five GEMM shapes per group (encoder forward, decoder forward, the decoder's two gradients, the
+    encoder weight gradient); its FLOP/s is divided by the FLOP/s of exactly those plain matrix
+    products timed alone. Both encoder layouts are measured (one fused GEMM per width group / bmm).
+(b) one nine-SAE pass against nine one-SAE passes over the same (synthetic, on-disk) store, whole
+    wall time including reading, evaluation and export.  [skipped with --no-store or on CUDA]
+(c) patches/s of the nine-SAE step, and the projected time for 100M patches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from trainers.config import TrainConfig
+from trainers.optim import BankAdam
+from trainers.sae import SAEBank
+from trainers.sweep import expand
+from trainers.train import autocast_ctx, peak_lrs, set_precision, train_step
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device, n_iter: int, n_warm: int = 2) -> float:
+    for _ in range(n_warm):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n_iter):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / n_iter
+
+
+def step_seconds(saes, cfg: TrainConfig, device, n_iter: int) -> float:
+    bank = SAEBank(saes, cfg.fuse_encoders).to(device)
+    opt = BankAdam(bank, cfg.adam_betas, cfg.adam_eps)
+    peak = peak_lrs(bank, cfg, device)
+    x = torch.randn(cfg.batch_size, cfg.d_in, device=device)
+    state = {"step": 0}
+
+    def one():
+        train_step(bank, opt, x, state["step"], 10**9, cfg, peak)
+        state["step"] += 1
+
+    return _time(one, device, n_iter)
+
+
+def gemm_seconds(saes, cfg: TrainConfig, device, n_iter: int) -> float:
+    """The same matrix products as a training step, alone (same dtype policy as the step)."""
+    B, d = cfg.batch_size, cfg.d_in
+    widths = {}
+    for c in saes:
+        widths[c.d_sae] = widths.get(c.d_sae, 0) + 1
+    x = torch.randn(B, d, device=device)
+    mats = []
+    for s, n in widths.items():
+        mats.append((torch.randn(d, n * s, device=device), torch.randn(n, B, s, device=device),
+                     torch.randn(n, s, d, device=device), torch.randn(n, B, d, device=device)))
+
+    def one():
+        with autocast_ctx(cfg):
+            for w_enc, z, w_dec, gx in mats:
+                x @ w_enc                                   # encoder forward
+                torch.bmm(z, w_dec)                         # decoder forward
+                torch.bmm(gx, w_dec.transpose(1, 2))        # d latents
+                torch.bmm(z.transpose(1, 2), gx)            # d W_dec
+                x.T @ z.transpose(0, 1).reshape(B, -1)      # d W_enc
+
+    return _time(one, device, n_iter)
+
+
+def store_passes(args, saes, tmp: pathlib.Path) -> tuple[float, float]:
+    """Wall time of one nine-SAE pass and of nine one-SAE passes over the same store."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+    from saev_store.layout import TokenLayout
+    from saev_store.store import HookSpec, create_store
+    from trainers.run import run_training
+
+    rng = np.random.default_rng(0)
+    n_img, T = args.store_images, 49
+    st = create_store(tmp / "bench.zarr", n_images=n_img,
+                      hooks={"h": HookSpec(d=args.d, layout=TokenLayout(n_tokens=T, grid=(7, 7)))}, images_per_chunk=64)
+    for i in st.pending_chunks():
+        a, b = st.chunk_bounds(i)
+        st.write_block(i, {"h": rng.normal(size=(b - a, T, args.d)).astype(np.float32)}, image_ids=[str(j) for j in range(a, b)])
+    st.finalize()
+    walls = []
+    for parallel in (len(saes), 1):
+        cfg = TrainConfig(saes=tuple(saes), out_dpath=str(tmp / f"run-p{parallel}"), store=st.path, hook="h",
+                          batch_size=args.batch_size, n_patches=args.store_patches, warmup_steps=5, l1_warmup_steps=5,
+                          parallel=parallel, ckpt_every=0, log_every=10**6, held_out_frac=0.05, max_eval_images=50,
+                          buffer_mb=64, quiet=True)
+        t0 = time.perf_counter()
+        run_training(cfg)
+        walls.append(time.perf_counter() - t0)
+    return walls[0], walls[1]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--d", type=int, default=320, help="input width")
+    p.add_argument("--width", default="4x,8x,16x", help="comma list of widths (Nx or absolute)")
+    p.add_argument("--n", type=int, default=9, help="SAEs per step (spread over the widths)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 1024 on CPU, 4096 on CUDA")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
+    p.add_argument("--iters", type=int, default=None, help="timed steps (default: 5 on CPU, 20 on CUDA)")
+    p.add_argument("--no-store", action="store_true", help="skip (b), the on-disk pass comparison")
+    p.add_argument("--store-images", type=int, default=600)
+    p.add_argument("--store-patches", type=int, default=8192)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.batch_size = args.batch_size or (4096 if cuda else 1024)
+    n_iter = args.iters or (20 if cuda else 5)
+    widths = args.width.split(",")
+    per_width = -(-args.n // len(widths))
+    l1s = [0.5 * 2**i for i in range(per_width)]
+    saes = expand({"width": widths, "l1": l1s, "lr": [1e-3]}, args.d)[: args.n]
+    print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else f'{torch.get_num_threads()} threads'}), "
+          f"precision {args.precision}, d={args.d}, B={args.batch_size}, {len(saes)} SAEs, widths "
+          f"{sorted({c.d_sae for c in saes})}")
+    base = dict(saes=tuple(saes), batch_size=args.batch_size, device=args.device, precision=args.precision, quiet=True)
+    cfg = TrainConfig(**base)
+    set_precision(cfg)
+    flops = 10 * args.batch_size * args.d * sum(c.d_sae for c in saes)
+    t_gemm = gemm_seconds(saes, cfg, device, n_iter)
+    print(f"(a) plain GEMMs of the step's shapes: {t_gemm * 1e3:8.1f} ms  {flops / t_gemm / 1e9:8.1f} GFLOP/s")
+    best = None
+    for fuse in (True, False):
+        t = step_seconds(saes, TrainConfig(**base, fuse_encoders=fuse), device, n_iter)
+        label = "fused encoder GEMM" if fuse else "bmm encoders      "
+        print(f"    training step, {label}: {t * 1e3:8.1f} ms  {flops / t / 1e9:8.1f} GFLOP/s  "
+              f"ratio to plain GEMMs {t_gemm / t:.2f}")
+        best = min(best or t, t)
+    pps = args.batch_size / best
+    print(f"(c) {pps:,.0f} patches/s for {len(saes)} SAEs; 100M patches would take {1e8 / pps / 60:.1f} min")
+    if not args.no_store and not cuda:
+        with tempfile.TemporaryDirectory() as tmp:
+            one, nine = store_passes(args, saes, pathlib.Path(tmp))
+        print(f"(b) over a store ({args.store_images} images x 49 tokens, {args.store_patches} patches per SAE): one "
+              f"{len(saes)}-SAE pass {one:.1f} s, {len(saes)} one-SAE passes {nine:.1f} s, speed-up {nine / one:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

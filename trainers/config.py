@@ -1,0 +1,201 @@
+"""What to train: one `SAEConfig` per sparse autoencoder, one `TrainConfig` per run.
+
+A run trains every SAE in `TrainConfig.saes` on one stream of batches; `parallel` of them share a
+pass over the data (more SAEs run in several passes over the same batches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from saev_store.errors import UserError
+
+Arch = Literal["relu", "topk", "batchtopk"]
+ARCHS: tuple[str, ...] = ("relu", "topk", "batchtopk")
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEConfig:
+    """One sparse autoencoder: width, sparsity mechanism and learning rate."""
+
+    name: str
+    """Folder name of this SAE inside the run directory (unique within a run)."""
+    d_in: int
+    """Input width (the hook's d)."""
+    d_sae: int
+    """Number of latents."""
+    arch: Arch = "relu"
+    """`relu` (ReLU + L1 penalty), `topk` (keep the k largest per token) or `batchtopk` (keep the k*B largest per batch)."""
+    l1: float = 5.0
+    """L1 coefficient on the latents (ReLU only), applied after the sparsity warmup. The loss sums the squared
+    error over d, and inputs are normalized to mean ||x||^2 = d, so the seeds' value of about 5 transfers."""
+    k: int = 0
+    """Active latents per token (TopK, BatchTopK); 0 for ReLU."""
+    lr: float = 4e-4
+    """Peak Adam learning rate (before optional width scaling)."""
+    aux_coef: float = 1 / 32
+    """Weight of the auxiliary dead-latent loss (TopK, BatchTopK), as in Gao et al. (2024)."""
+    aux_k: int = 0
+    """Dead latents the auxiliary loss may use per token; 0 means d_in // 2."""
+    dead_after: int = 1_000_000
+    """A latent that has not fired for this many training tokens counts as dead (for the auxiliary loss and
+    the dead fraction logged during training)."""
+    seed: int = 0
+    """Seed of this SAE's initialization (independent of the others, so a bank equals one-at-a-time runs)."""
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise UserError(f"SAE {self.name!r}: architecture {self.arch!r} is unknown; choose one of {', '.join(ARCHS)}.")
+        if self.d_in < 1 or self.d_sae < 1:
+            raise UserError(f"SAE {self.name!r}: d_in={self.d_in} and d_sae={self.d_sae} must be positive.")
+        if self.arch == "relu":
+            if self.l1 < 0:
+                raise UserError(f"SAE {self.name!r}: l1={self.l1} must be >= 0.")
+            if self.k:
+                raise UserError(f"SAE {self.name!r}: k={self.k} is for topk/batchtopk; a relu SAE uses --l1.")
+        else:
+            if not 1 <= self.k <= self.d_sae:
+                raise UserError(f"SAE {self.name!r}: {self.arch} needs 1 <= k <= d_sae={self.d_sae}, got k={self.k}; pass --k.")
+        if not self.lr > 0:
+            raise UserError(f"SAE {self.name!r}: learning rate {self.lr} must be positive.")
+        if self.aux_k < 0 or self.dead_after < 1 or self.aux_coef < 0:
+            raise UserError(f"SAE {self.name!r}: aux_k >= 0, aux_coef >= 0 and dead_after >= 1 are required.")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise UserError(f"SAE name {self.name!r} must be a plain folder name.")
+
+    @property
+    def sparsity(self) -> str:
+        """Short label of the sparsity setting: `l1=5` or `k=32`."""
+        return f"l1={self.l1:g}" if self.arch == "relu" else f"k={self.k}"
+
+    @property
+    def n_aux(self) -> int:
+        return self.aux_k or max(1, self.d_in // 2)
+
+    def effective_lr(self, scale_with_width: bool) -> float:
+        """Peak learning rate; with width scaling lr / sqrt(d_sae / 2^14) (Gao et al. 2024)."""
+        return self.lr / math.sqrt(self.d_sae / 2**14) if scale_with_width else self.lr
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How to train: data, budget, schedules, checkpoints, hardware."""
+
+    saes: tuple[SAEConfig, ...]
+    """The SAEs of the run."""
+    out_dpath: str = "runs/run"
+    """Run directory: one subfolder per SAE, run.json, table.csv/md, metrics.jsonl, ckpt/."""
+    store: str | None = None
+    """Store path the activations come from (None for an in-memory iterable)."""
+    hook: str = ""
+    """Hook of the store to train on."""
+    tokens: str = "patches"
+    """Token selection: patches, cls or all."""
+    normalize: bool = True
+    """Normalize inputs with the store's statistics ((x - mean) * sqrt(d) / rms_norm); recorded with each SAE."""
+    batch_size: int = 4096
+    """Rows per step (summed over ranks in distributed runs)."""
+    n_patches: int | None = None
+    """Training budget in rows (patches); the run stops after ceil(n_patches / batch_size) steps."""
+    n_epochs: int = 1
+    """Epochs over the training images when n_patches is None."""
+    warmup_steps: int = 100
+    """Linear learning-rate warmup from 0."""
+    schedule: Literal["constant", "cosine"] = "constant"
+    """Learning rate after warmup: constant, or cosine decay to lr * lr_min_frac at the last step."""
+    lr_min_frac: float = 0.0
+    """Final learning rate of the cosine schedule, as a fraction of the peak."""
+    l1_warmup_steps: int = 100
+    """Linear warmup of the L1 coefficient from 0 (ReLU SAEs)."""
+    scale_lr_with_width: bool = False
+    """Scale each SAE's learning rate by 1 / sqrt(d_sae / 2^14)."""
+    b_dec_init: Literal["mean", "median", "zeros"] = "mean"
+    """Decoder bias at step 0: the first batch's mean, its geometric median, or zeros."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas (saev and SAELens use the PyTorch defaults)."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    seed: int = 0
+    """Seed of data order, held-out split and (offset per SAE) initialization."""
+    parallel: int = 9
+    """SAEs sharing one pass over the data; more SAEs run in several passes."""
+    fuse_encoders: bool = True
+    """Run the encoders of equal-width SAEs as one matrix product [d_in, n * d_sae] (else one bmm)."""
+    ckpt_every: int = 500
+    """Steps between checkpoints (0: never, except at the end of each pass)."""
+    log_every: int = 50
+    """Steps between metric lines in metrics.jsonl and the progress bar."""
+    held_out_frac: float = 0.1
+    """Fraction of images (never patches) kept out of training for the final evaluation."""
+    max_eval_images: int | None = 2000
+    """Cap on held-out images evaluated (None: all)."""
+    device: str = "cpu"
+    """Torch device: cpu, cuda, cuda:1 ..."""
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    """fp32 (default, exact); tf32 (TF32 matmuls on GPU); bf16 (bf16 autocast on GPU, fp32 master weights)."""
+    buffer_mb: int = 512
+    """Shuffle buffer of the loader, MiB."""
+    n_readers: int = 2
+    """Chunk readers in flight in the loader."""
+    quiet: bool = False
+    """No progress bar."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "saes", tuple(self.saes))
+        if not self.saes:
+            raise UserError("nothing to train: give at least one SAE (--width with --l1 or --k, or --sweep).")
+        names = [s.name for s in self.saes]
+        if len(set(names)) != len(names):
+            raise UserError(f"SAE names must be unique within a run; got {names}.")
+        if len({s.d_in for s in self.saes}) != 1:
+            raise UserError("all SAEs of a run must share d_in (they read the same hook).")
+        if self.batch_size < 1:
+            raise UserError(f"batch size {self.batch_size} must be positive.")
+        if self.n_patches is not None and self.n_patches < self.batch_size:
+            raise UserError(f"--n-patches {self.n_patches} is less than one batch ({self.batch_size}); raise it.")
+        if self.n_epochs < 1:
+            raise UserError(f"--n-epochs {self.n_epochs} must be at least 1.")
+        if self.schedule not in ("constant", "cosine"):
+            raise UserError(f"schedule {self.schedule!r} is unknown; choose constant or cosine.")
+        if self.b_dec_init not in ("mean", "median", "zeros"):
+            raise UserError(f"b_dec init {self.b_dec_init!r} is unknown; choose mean, median or zeros.")
+        if self.precision not in ("fp32", "tf32", "bf16"):
+            raise UserError(f"precision {self.precision!r} is unknown; choose fp32, tf32 or bf16.")
+        if self.precision != "fp32" and not self.device.startswith("cuda"):
+            raise UserError(f"--precision {self.precision} needs a CUDA device; use fp32 on {self.device}.")
+        if not 0.0 <= self.held_out_frac < 1.0:
+            raise UserError(f"held-out fraction {self.held_out_frac} must be in [0, 1).")
+        if self.parallel < 1 or self.warmup_steps < 0 or self.l1_warmup_steps < 0 or self.ckpt_every < 0:
+            raise UserError("parallel >= 1, warmup steps >= 0 and ckpt_every >= 0 are required.")
+        if self.log_every < 1:
+            raise UserError(f"log_every {self.log_every} must be at least 1.")
+        if self.tokens not in ("patches", "cls", "all"):
+            raise UserError(f"token selection {self.tokens!r} is unknown; choose patches, cls or all.")
+
+    @property
+    def d_in(self) -> int:
+        return self.saes[0].d_in
+
+    def passes(self) -> list[tuple[SAEConfig, ...]]:
+        """The SAEs in groups of at most `parallel`, one group per pass over the data.
+
+        Equal widths are kept together so each pass stacks as few distinct shapes as possible.
+        """
+        order = sorted(range(len(self.saes)), key=lambda i: (self.saes[i].d_sae, i))
+        saes = [self.saes[i] for i in order]
+        return [tuple(saes[i : i + self.parallel]) for i in range(0, len(saes), self.parallel)]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["saes"] = [dataclasses.asdict(s) for s in self.saes]
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["saes"] = tuple(SAEConfig(**s) for s in d["saes"])
+        d["adam_betas"] = tuple(d["adam_betas"])
+        return cls(**d)

@@ -1,0 +1,265 @@
+"""The training loop of one pass: every batch is given to every SAE of a bank.
+
+`train_pass` takes ANY iterable of raw (B, d) float tensors (a `ShuffledLoader`, or an in-memory
+list in tests) plus the `Normalizer` to apply on the device, and trains the bank for `n_steps`.
+When the iterable has `state_dict()`/`load_state_dict()`, checkpoints record its position and a
+resumed pass continues with exactly the batches an uninterrupted one would have seen.
+
+One step (`train_step`): forward all groups, sum the members' losses, backward, average gradients
+over ranks (distributed runs), remove the decoder-gradient component along each decoder row, Adam
+with per-member learning rates (update projected the same way), renormalize decoder rows, then
+update the dead-latent counters and BatchTopK thresholds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import time
+from typing import Iterable, NamedTuple
+
+import torch
+import torch.distributed as dist
+import tqdm
+
+from saev_store.stats import Normalizer
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import SAEConfig, TrainConfig
+from .constraints import remove_parallel_, renormalize_rows_
+from .optim import BankAdam
+from .sae import Output, SAEBank, geometric_median
+from .schedules import lr_factor, sparsity_factor
+
+
+class StepStats(NamedTuple):
+    """Per-member training statistics of one step, on the device (no host sync)."""
+
+    loss: torch.Tensor
+    mse: torch.Tensor
+    l1: torch.Tensor
+    l0: torch.Tensor
+    aux: torch.Tensor
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def autocast_ctx(cfg: TrainConfig):
+    if cfg.precision == "bf16":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def set_precision(cfg: TrainConfig) -> None:
+    """TF32 matmuls only when asked; fp32 stays exact (PyTorch's default may differ by version)."""
+    if cfg.device.startswith("cuda"):
+        allow = cfg.precision in ("tf32", "bf16")
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        torch.backends.cudnn.allow_tf32 = allow
+
+
+def peak_lrs(bank: SAEBank, cfg: TrainConfig, device) -> list[torch.Tensor]:
+    return [
+        torch.tensor([c.effective_lr(cfg.scale_lr_with_width) for c in g.cfgs], dtype=torch.float32, device=device)
+        for g in bank.groups
+    ]
+
+
+@torch.no_grad()
+def init_b_dec(bank: SAEBank, x_bd: torch.Tensor, how: str) -> None:
+    """Decoder bias at the first batch's mean or geometric median (averaged over ranks)."""
+    if how == "zeros":
+        return
+    center = x_bd.float().mean(dim=0) if how == "mean" else geometric_median(x_bd.float())
+    _, world = _world()
+    if world > 1:
+        dist.all_reduce(center)
+        center /= world
+    bank.init_b_dec(center)
+
+
+def train_step(bank: SAEBank, opt: BankAdam, x_bd: torch.Tensor, step: int, n_steps: int, cfg: TrainConfig,
+               peak: list[torch.Tensor]) -> StepStats:
+    """One optimizer step of every SAE on the normalized batch `x_bd` (this rank's share)."""
+    _, world = _world()
+    l1_f = sparsity_factor(step, cfg.l1_warmup_steps)
+    lr_f = lr_factor(step, n_steps, cfg.warmup_steps, cfg.schedule, cfg.lr_min_frac)
+    with autocast_ctx(cfg):
+        outs: list[Output] = bank(x_bd, train=True)
+    losses = []
+    for g, o in zip(bank.groups, outs):
+        l1_coef = torch.tensor([c.l1 if c.arch == "relu" else 0.0 for c in g.cfgs], device=o.mse.device) * l1_f
+        losses.append(o.mse + l1_coef * o.l1 + o.aux)
+    loss_n = torch.cat(losses)
+    opt.zero_grad()
+    loss_n.sum().backward()
+    if world > 1:
+        grads = [p.grad for p in bank.parameters() if p.grad is not None]
+        flat = torch.cat([gr.reshape(-1) for gr in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for gr in grads:
+            gr.copy_(flat[offset : offset + gr.numel()].view_as(gr))
+            offset += gr.numel()
+    for g in bank.groups:
+        remove_parallel_(g.W_dec.grad, g.W_dec.detach())
+    opt.step([p * lr_f for p in peak])
+    with torch.no_grad():
+        for g, o in zip(bank.groups, outs):
+            renormalize_rows_(g.W_dec.data)
+            fired, kept_min = o.fired, o.kept_min
+            if world > 1:
+                fired_f = fired.float()
+                dist.all_reduce(fired_f, op=dist.ReduceOp.MAX)
+                fired = fired_f > 0
+                dist.all_reduce(kept_min, op=dist.ReduceOp.MIN)
+            g.after_step(fired, x_bd.shape[0] * world, kept_min)
+    return StepStats(
+        loss_n.detach(),
+        torch.cat([o.mse for o in outs]).detach(),
+        torch.cat([o.l1 for o in outs]).detach(),
+        torch.cat([o.l0 for o in outs]),
+        torch.cat([o.aux for o in outs]).detach(),
+    )
+
+
+class MetricLogger:
+    """metrics.jsonl lines (one per SAE per log step), TensorBoard scalars when it is installed."""
+
+    def __init__(self, out_dpath: str | pathlib.Path | None, enabled: bool = True):
+        self.fpath = pathlib.Path(out_dpath) / "metrics.jsonl" if out_dpath is not None and enabled else None
+        self.tb = None
+        if self.fpath is not None:
+            self.fpath.parent.mkdir(parents=True, exist_ok=True)
+            try:  # optional: only when tensorboard is installed
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.fpath.parent / "tb"))
+            except Exception:
+                self.tb = None
+
+    def log(self, rows: list[dict]) -> None:
+        if self.fpath is None:
+            return
+        with open(self.fpath, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        if self.tb is not None:
+            for r in rows:
+                for k in ("loss", "mse", "l1", "l0", "aux", "dead_frac", "lr"):
+                    self.tb.add_scalar(f"{r['sae']}/{k}", r[k], r["step"])
+            self.tb.add_scalar("patches_per_s", rows[0]["patches_per_s"], rows[0]["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _ckpt_state(bank, opt, step, batches) -> dict:
+    state = {
+        "step": step,
+        "names": [c.name for c in bank.cfgs],
+        "bank": {k: v.detach().cpu() for k, v in bank.state_dict().items()},
+        "opt": opt.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    if hasattr(batches, "state_dict"):
+        state["loader"] = batches.state_dict()
+    return state
+
+
+def train_pass(
+    saes: tuple[SAEConfig, ...],
+    cfg: TrainConfig,
+    batches: Iterable[torch.Tensor],
+    n_steps: int,
+    normalizer: Normalizer | None = None,
+    *,
+    ckpt_fpath: str | pathlib.Path | None = None,
+    logger: MetricLogger | None = None,
+    pass_idx: int = 0,
+    desc: str = "train",
+) -> tuple[SAEBank, int]:
+    """Train the SAEs `saes` for `n_steps` steps on `batches` (raw rows, normalized here by `normalizer`).
+
+    With `ckpt_fpath`, a checkpoint there is resumed from (bank, Adam, step, loader position, RNG) and a
+    new one written every `cfg.ckpt_every` steps and at the end. Returns (bank, steps done), the bank
+    on `cfg.device`; fewer steps than asked only when `batches` runs out first.
+    """
+    rank, world = _world()
+    device = torch.device(cfg.device)
+    set_precision(cfg)
+    bank = SAEBank(saes, cfg.fuse_encoders).to(device)
+    opt = BankAdam(bank, cfg.adam_betas, cfg.adam_eps)
+    peak = peak_lrs(bank, cfg, device)
+    step = 0
+    ckpt = load_checkpoint(ckpt_fpath) if ckpt_fpath is not None else None
+    if ckpt is not None:
+        if ckpt["names"] != [c.name for c in bank.cfgs]:
+            raise RuntimeError(f"checkpoint {ckpt_fpath} holds SAEs {ckpt['names']}, not this pass's; remove it.")
+        bank.load_state_dict(ckpt["bank"])
+        opt.load_state_dict(ckpt["opt"])
+        step = int(ckpt["step"])
+        torch.set_rng_state(ckpt["rng"])
+        if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        if "loader" in ckpt and hasattr(batches, "load_state_dict"):
+            batches.load_state_dict(ckpt["loader"])
+    mean_t = scale = None
+    if normalizer is not None:
+        mean_t = torch.as_tensor(normalizer.mean, dtype=torch.float32, device=device)
+        scale = float(normalizer.scale)
+
+    bar = tqdm.tqdm(total=n_steps, initial=step, desc=desc, unit="step", disable=cfg.quiet or rank != 0, dynamic_ncols=True)
+    acc = None
+    n_acc, rows_since, t_last = 0, 0, time.perf_counter()
+    it = iter(batches)
+    try:
+        while step < n_steps:
+            try:
+                x = next(it)
+            except StopIteration:
+                break
+            x = x.to(device, non_blocking=True).float()
+            if mean_t is not None:
+                x = (x - mean_t) * scale
+            if step == 0:
+                init_b_dec(bank, x, cfg.b_dec_init)
+            stats = train_step(bank, opt, x, step, n_steps, cfg, peak)
+            step += 1
+            rows_since += x.shape[0] * world
+            acc = [a + s for a, s in zip(acc, stats)] if acc is not None else list(stats)
+            n_acc += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == n_steps:
+                acc_cpu = [(a / n_acc).cpu() for a in acc]
+                dt = time.perf_counter() - t_last
+                pps = rows_since / max(dt, 1e-9)
+                dead = torch.cat([(g.tokens_since_fired >= g.dead_after[:, None]).float().mean(-1) for g in bank.groups]).cpu()
+                lr_f = lr_factor(step - 1, n_steps, cfg.warmup_steps, cfg.schedule, cfg.lr_min_frac)
+                rows = [
+                    {
+                        "pass": pass_idx, "step": step, "sae": c.name,
+                        "loss": float(acc_cpu[0][i]), "mse": float(acc_cpu[1][i]), "l1": float(acc_cpu[2][i]),
+                        "l0": float(acc_cpu[3][i]), "aux": float(acc_cpu[4][i]), "dead_frac": float(dead[i]),
+                        "lr": c.effective_lr(cfg.scale_lr_with_width) * lr_f, "patches_per_s": pps,
+                    }
+                    for i, c in enumerate(bank.cfgs)
+                ]
+                if logger is not None and rank == 0:
+                    logger.log(rows)
+                bar.set_postfix(mse=f"{float(acc_cpu[1].mean()) / cfg.d_in:.3g}", L0=f"{float(acc_cpu[3].mean()):.3g}",
+                                dead=f"{float(dead.mean()):.2f}", pps=f"{pps:,.0f}")
+                acc, n_acc, rows_since, t_last = None, 0, 0, time.perf_counter()
+            if ckpt_fpath is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == n_steps):
+                save_checkpoint(ckpt_fpath, _ckpt_state(bank, opt, step, batches))
+    finally:
+        bar.close()
+    return bank, step
