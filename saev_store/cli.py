@@ -145,15 +145,9 @@ def hooks(model, weights, show_all):
         click.echo("(--all lists every module)")
 
 
-def _attach_optional_commands():
-    try:
-        from .cli_bench import bench
-    except ImportError:
-        return
-    main.add_command(bench)
+from .cli_bench import bench  # noqa: E402  (its own file: the benchmark is an idea of its own)
 
-
-_attach_optional_commands()
+main.add_command(bench)
 
 if __name__ == "__main__":
     main()
