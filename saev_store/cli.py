@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
 import click
 
-from .errors import UserError
+from .errors import cli_errors
+from .loaders import DEFAULT_BUFFER_MB, DEFAULT_N_READERS
 
 
-def _user_errors(fn):
-    """Print a UserError as one line and exit 2, without a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted: finished chunks are kept; rerun the same command to resume.", err=True)
-            sys.exit(130)
-
-    return wrapper
+_user_errors = cli_errors("finished chunks are kept; rerun the same command to resume.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -145,9 +131,30 @@ def hooks(model, weights, show_all):
         click.echo("(--all lists every module)")
 
 
-from .cli_bench import bench  # noqa: E402  (its own file: the benchmark is an idea of its own)
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--hook", default=None, help="Hook to read (default: the store's first hook).")
+@click.option("--warm", is_flag=True, help="Measure with the store in the page cache instead of evicting it.")
+@click.option("--batch-size", default=4096, show_default=True, type=click.IntRange(min=1), help="Rows per batch.")
+@click.option("--buffer-mb", default=DEFAULT_BUFFER_MB, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Shuffle buffer size in MiB.")
+@click.option("--n-readers", default=DEFAULT_N_READERS, show_default=True, type=click.IntRange(min=1), help="Chunk reads in flight.")
+@click.option("--tokens", default="patches", show_default=True, type=click.Choice(["patches", "cls", "all"]), help="Token selection.")
+@click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Length of each measurement.")
+@_user_errors
+def bench(store, hook, warm, batch_size, buffer_mb, n_readers, tokens, seconds):
+    """Measure loader throughput on STORE against a raw sequential read of the same chunk files.
 
-main.add_command(bench)
+    Cold by default: the store's pages are dropped from the page cache before and during both
+    measurements, standing in for a store much larger than RAM.
+    """
+    from .bench import bench as run_bench
+    from .bench import format_bench
+
+    result = run_bench(
+        store, hook, warm=warm, batch_size=batch_size, buffer_mb=buffer_mb, n_readers=n_readers, seconds=seconds, tokens=tokens
+    )
+    click.echo(format_bench(result))
+
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from conftest import make_store
 
 from saev_store import bench as B
-from saev_store.cli_bench import bench as bench_cmd
+from saev_store.cli import bench as bench_cmd
 
 
 def test_perfect_distinct_matches_simulation():

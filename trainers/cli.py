@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import os
-import sys
 
 import click
 
-from saev_store.errors import UserError
+from saev_store.errors import UserError, cli_errors
 
 
-def _user_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except UserError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted: the last checkpoint is kept; rerun the same command with --resume.", err=True)
-            sys.exit(130)
-
-    return wrapper
+_user_errors = cli_errors("the last checkpoint is kept; rerun the same command with --resume.")
 
 
 def _list(value: str | None, kind=float, what: str = "value") -> list | None:
