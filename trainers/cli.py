@@ -129,3 +129,7 @@ def main(store, hook, tokens, width, arch, l1, k, lr, sweep_fpath, parallel, bat
     if _world()[0] == 0:
         click.echo((pathlib.Path(out_dpath) / "table.md").read_text())
         click.echo(f"wrote {len(rows)} SAEs to {out_dpath} (table.csv, table.md, <sae>/metrics.json, <sae>/freq.png)", err=True)
+
+
+if __name__ == "__main__":  # `accelerate launch -m trainers.cli STORE ...`
+    main()
