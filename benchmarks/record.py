@@ -36,6 +36,9 @@ def bench_overlap(args, tmp_dpath: str) -> dict:
         out=os.path.join(tmp_dpath, "overlap.zarr"),
         model=args.model,
         layers=tuple(args.layer),
+        dataset=args.dataset,
+        data=args.data,
+        split=args.split,
         limit=args.n_images,
         batch_size=args.batch_size,
         device=args.device,
@@ -123,6 +126,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="efficientnet:lite0")
     p.add_argument("--layer", type=int, action="append", default=[])
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data", default=None, help="dataset root (default: the kind's default)")
+    p.add_argument("--split", default="train")
     p.add_argument("--n-images", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=None)

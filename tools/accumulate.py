@@ -1,0 +1,297 @@
+"""Per-latent statistics of one SAE, accumulated over blocks of whole images in one ordered pass.
+
+Everything here is a pure function of the latents it is fed, `z_ntl` (n images, T patches, L latents),
+their image indices and labels; nothing reads a store or knows a model, so the statistics can be
+checked against brute-force numpy on any array of latents (tests/test_tools_stats.py).
+
+Latents must be >= 0, as every SAE architecture here gives them (ReLU, TopK, JumpReLU; checked on the
+first block). Definitions (a latent is "active" on a patch when its value is > 0):
+* `freq_patch`  = active patches / (valid images * T);
+* `freq_image`  = images with at least one active patch / valid images;
+* `mean_active` = mean of the latent's value over the patches where it is active (0 when never active);
+* `max_act`     = largest value over all patches;
+* counts over the threshold `tau`: an image's count is its number of patches with value > tau, a class's
+  count the sum over its images (unlabeled images, label -1, count for no class), the dataset's the sum
+  over all images;
+* exemplars, two rankings: an image's score is its largest patch value (`max`) or the mean of its patch
+  values, zeros included (`mean`). Each latent keeps the k best images with score > 0, ordered by score
+  descending and, among equal scores, by image index ascending (so the result does not depend on how
+  images were split into blocks). Slots no image fills hold image -1, score 0 and zero patches;
+* `entropy`: each label's share of the summed scores of the labeled exemplars, H = -sum p ln p (natural
+  log); NaN when no labeled exemplar has a positive score.
+
+Memory is independent of the number of images: the running exemplars take 2 rankings * k * L * T * 4 bytes
+(the patch activations of each exemplar are kept as it enters the top-k, so no second pass over the
+store is needed), the counters O(L * n_classes). Per-image counts are returned per block, sparsely, for
+the caller to write to disk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+RANKINGS = ("max", "mean")
+"""How an image is scored for a latent: its largest patch value, or the mean over its patches."""
+
+
+class Exemplars(NamedTuple):
+    """The top-k images of every latent under one ranking (numpy)."""
+
+    values: np.ndarray
+    """(L, k) float32 scores, descending; 0 in unfilled slots."""
+    images: np.ndarray
+    """(L, k) int64 store image indices; -1 in unfilled slots."""
+    labels: np.ndarray
+    """(L, k) int32 labels of those images; -1 when unlabeled or unfilled."""
+    patches: np.ndarray
+    """(L, k, T) float32 the latent's value on every patch of the exemplar (for heatmaps)."""
+    entropy: np.ndarray
+    """(L,) float64 label entropy of the exemplars (natural log); NaN when no labeled exemplar."""
+
+
+class LatentStats(NamedTuple):
+    """Everything one pass learns about one SAE's latents."""
+
+    n_images: int
+    """Valid images seen."""
+    n_patches: int
+    """Patches per image (T)."""
+    tau: float
+    """Threshold of the activation counts."""
+    n_patches_active: np.ndarray
+    """(L,) int64 patches with value > 0."""
+    n_images_active: np.ndarray
+    """(L,) int64 images with at least one patch > 0."""
+    sum_active: np.ndarray
+    """(L,) float64 sum of the values > 0."""
+    max_act: np.ndarray
+    """(L,) float32 largest value (0 for a latent never above 0)."""
+    count_dataset: np.ndarray
+    """(L,) int64 patches with value > tau over the whole store."""
+    count_class: np.ndarray
+    """(n_classes, L) int64 patches with value > tau summed over each class's images."""
+    top: dict
+    """ranking name ("max", "mean") -> Exemplars."""
+
+    @property
+    def freq_patch(self) -> np.ndarray:
+        return self.n_patches_active / max(1, self.n_images * self.n_patches)
+
+    @property
+    def freq_image(self) -> np.ndarray:
+        return self.n_images_active / max(1, self.n_images)
+
+    @property
+    def mean_active(self) -> np.ndarray:
+        return np.divide(self.sum_active, self.n_patches_active, out=np.zeros(self.sum_active.shape), where=self.n_patches_active > 0)
+
+
+class ImageCounts(NamedTuple):
+    """Sparse per-image counts of one block: entry j says image `images[j]` has `counts[j]` patches of latent
+    `latents[j]` above tau. Only nonzero counts appear."""
+
+    images: np.ndarray
+    """(m,) int64."""
+    latents: np.ndarray
+    """(m,) int32."""
+    counts: np.ndarray
+    """(m,) int32."""
+
+
+class _RunningTopK:
+    """The k best (score, image) pairs per latent, with the exemplar's patch values and label."""
+
+    def __init__(self, k: int, d_sae: int, n_patches: int, device: torch.device):
+        self.k = k
+        # Empty slots hold score 0 (and image -1): only scores > 0 are exemplars, so they are never reported.
+        self.values = torch.zeros((k, d_sae), device=device)
+        self.images = torch.full((k, d_sae), -1, dtype=torch.int64, device=device)
+        self.labels = torch.full((k, d_sae), -1, dtype=torch.int32, device=device)
+        self.patches = torch.zeros((k, d_sae, n_patches), device=device)
+
+    def update(self, score_nl: torch.Tensor, z_ntl: torch.Tensor, images_n: torch.Tensor, labels_n: torch.Tensor) -> None:
+        """Merge one block. Its images must come after every image seen so far (ordered pass)."""
+        k = self.k
+        cand = torch.cat([self.values, score_nl], dim=0)
+        # One int64 key per candidate orders by score, then by candidate position: running entries (earlier
+        # images, already in tie order) before the block's, the block's in image order. A float32 >= 0 orders
+        # like its bit pattern, so the key is exact, and top-k over unique keys is deterministic (a stable
+        # sort of all candidates would do the same at several times the cost).
+        pos = torch.arange(cand.shape[0], device=cand.device, dtype=torch.int64)[:, None]
+        key = (cand.view(torch.int32).to(torch.int64) << 32) | ((1 << 32) - 1 - pos)
+        order = torch.topk(key, k, dim=0, sorted=True).indices
+        from_run = order < k
+        src_r = order.clamp(max=k - 1)
+        src_b = (order - k).clamp(min=0)
+        self.values = cand.gather(0, order)
+        self.images = torch.where(from_run, self.images.gather(0, src_r), images_n[src_b])
+        self.labels = torch.where(from_run, self.labels.gather(0, src_r), labels_n[src_b])
+        # Patches move only for latents whose top-k took in a new image (few, once the pass has warmed up).
+        cols = (~from_run).any(dim=0).nonzero().squeeze(1)
+        if cols.numel() == 0:
+            return
+        t = self.patches.shape[2]
+        # Kept entries shift down within their latent's column; only the new entries are read from the block
+        # (a strided gather, so it is worth doing for those alone).
+        new_p = self.patches[:, cols].gather(0, src_r[:, cols, None].expand(-1, -1, t))
+        jj, cc = (~from_run[:, cols]).nonzero(as_tuple=True)
+        # z[b, :, l] for each new entry through flat offsets: indexing z[b, :, l] directly makes torch copy
+        # all of z into (n, L, T) order first.
+        n, _, n_lat = z_ntl.shape
+        lat = cols[cc]
+        base = src_b[:, cols][jj, cc] * (t * n_lat) + lat
+        offsets = base[:, None] + torch.arange(t, device=base.device) * n_lat
+        new_p[jj, cc] = z_ntl.reshape(-1)[offsets]
+        self.patches[:, cols] = new_p
+
+    def result(self) -> Exemplars:
+        values = self.values.T.cpu().numpy().astype(np.float32)
+        images = self.images.T.cpu().numpy()
+        labels = self.labels.T.cpu().numpy()
+        patches = self.patches.permute(1, 0, 2).cpu().numpy()
+        empty = ~(values > 0)
+        values = np.where(empty, 0.0, values).astype(np.float32)
+        images = np.where(empty, -1, images)
+        labels = np.where(empty, -1, labels).astype(np.int32)
+        patches = np.where(empty[:, :, None], 0.0, patches).astype(np.float32)
+        return Exemplars(values, images, labels, patches, label_entropy(values, labels))
+
+
+def label_entropy(values_lk: np.ndarray, labels_lk: np.ndarray) -> np.ndarray:
+    """Entropy (natural log) of each row's label distribution weighted by `values`; labels < 0 are ignored.
+
+    Row l: p_c = sum(values[l, labels == c]) / sum(values[l, labels >= 0]); H = -sum_c p_c ln p_c. NaN when the
+    labeled values of a row sum to 0.
+    """
+    values = np.where(labels_lk >= 0, np.maximum(values_lk, 0), 0).astype(np.float64)
+    out = np.full(values.shape[0], np.nan)
+    if values.shape[1] == 0:
+        return out
+    n_classes = int(labels_lk.max()) + 1 if labels_lk.size else 0
+    if n_classes <= 0:
+        return out
+    per_class = np.zeros((values.shape[0], n_classes))
+    rows = np.repeat(np.arange(values.shape[0]), values.shape[1])
+    np.add.at(per_class, (rows, np.maximum(labels_lk, 0).ravel()), values.ravel())
+    total = per_class.sum(axis=1)
+    ok = total > 0
+    p = per_class[ok] / total[ok, None]
+    out[ok] = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0.0), axis=1)
+    return out
+
+
+class Scratch:
+    """One reusable float32 buffer, grown on demand (block-sized masks without a fresh allocation per block)."""
+
+    def __init__(self):
+        self.buf: torch.Tensor | None = None
+
+    def get(self, shape, device) -> torch.Tensor:
+        numel = math.prod(shape)
+        if self.buf is None or self.buf.numel() < numel or self.buf.device != torch.device(device):
+            self.buf = torch.empty(numel, device=device)
+        return self.buf[:numel].view(shape)
+
+
+def _sparse_counts(count_nl: torch.Tensor, images: np.ndarray) -> ImageCounts:
+    """The nonzero entries of a block's (n, L) per-image counts, found where the counts are (only they cross
+    to the host from a GPU; numpy's nonzero is the faster one on a CPU)."""
+    if count_nl.device.type == "cpu":
+        c = count_nl.numpy()
+        rows, cols = np.nonzero(c)
+        vals = c[rows, cols]
+    else:
+        rows_t, cols_t = count_nl.nonzero(as_tuple=True)
+        vals = count_nl[rows_t, cols_t].cpu().numpy()
+        rows, cols = rows_t.cpu().numpy(), cols_t.cpu().numpy()
+    return ImageCounts(images[rows], cols.astype(np.int32), vals.astype(np.int32))
+
+
+class LatentAccumulator:
+    """Streams blocks of one SAE's latents (images in increasing order) into `LatentStats`."""
+
+    def __init__(self, d_sae: int, n_patches: int, *, k: int = 16, tau: float = 0.2, n_classes: int = 0, device="cpu", scratch=None):
+        if k < 1:
+            raise ValueError(f"k={k} must be at least 1.")
+        if tau < 0:
+            raise ValueError(f"tau={tau} must be >= 0 (a count threshold below 0 would count inactive patches).")
+        self.d_sae, self.n_patches, self.k, self.tau, self.n_classes = d_sae, n_patches, k, float(tau), n_classes
+        dev = self.device = torch.device(device)
+        self.n_images = 0
+        self.last_image = -1
+        self.n_patches_active = torch.zeros(d_sae, dtype=torch.int64, device=dev)
+        self.n_images_active = torch.zeros(d_sae, dtype=torch.int64, device=dev)
+        self.sum_active = torch.zeros(d_sae, dtype=torch.float64, device=dev)
+        self.max_act = torch.zeros(d_sae, device=dev)
+        self.count_dataset = torch.zeros(d_sae, dtype=torch.int64, device=dev)
+        self.count_class = torch.zeros((n_classes, d_sae), dtype=torch.int64, device=dev)
+        self.top = {r: _RunningTopK(k, d_sae, n_patches, dev) for r in RANKINGS}
+        self.scratch = scratch if scratch is not None else Scratch()
+        """Mask buffer; accumulators of one pass share one (they run one after another)."""
+
+    @staticmethod
+    def bytes_needed(d_sae: int, n_patches: int, k: int, n_classes: int = 0) -> int:
+        """Memory the accumulator holds, whatever the number of images."""
+        per_rank = k * d_sae * (4 + 8 + 4 + 4 * n_patches)
+        return len(RANKINGS) * per_rank + d_sae * (8 * 5 + 4) + n_classes * d_sae * 8
+
+    @torch.no_grad()
+    def update(self, z_ntl: torch.Tensor, images: np.ndarray, labels: np.ndarray) -> ImageCounts:
+        """Add the latents of n whole images (valid ones only). Returns their nonzero per-image tau counts."""
+        n, t, d_sae = z_ntl.shape
+        if (t, d_sae) != (self.n_patches, self.d_sae):
+            raise ValueError(f"latents of shape {tuple(z_ntl.shape)}; expected (n, {self.n_patches}, {self.d_sae}).")
+        images = np.asarray(images, dtype=np.int64)
+        if n and (images[0] <= self.last_image or np.any(np.diff(images) <= 0)):
+            raise ValueError("blocks must hold images in strictly increasing order across the pass (the top-k tie rule depends on it).")
+        if n == 0:
+            return ImageCounts(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32))
+        if self.n_images == 0 and bool((z_ntl.amin() < 0).item()):
+            raise ValueError("latents must be >= 0 (ReLU, TopK and JumpReLU SAEs give such latents); got negative values.")
+        self.last_image = int(images[-1])
+        self.n_images += n
+        z = z_ntl.to(self.device, torch.float32)
+        images_t = torch.as_tensor(images, device=self.device)
+        labels_t = torch.as_tensor(np.asarray(labels, dtype=np.int32), device=self.device)
+
+        # Every statistic comes from per-image reductions over the T patches; each costs about one read of z.
+        # The 0/1 masks go to a reused float32 buffer: a fresh block-sized tensor per mask costs more in page
+        # faults than the comparison, and float sums are exact here (counts <= T < 2**24).
+        img_sum = z.sum(dim=1)
+        img_max = z.amax(dim=1)
+        mask = self.scratch.get(z.shape, z.device)
+        torch.gt(z, 0, out=mask)
+        n_active_nl = mask.sum(dim=1)
+        torch.gt(z, self.tau, out=mask)
+        count_nl = mask.sum(dim=1).to(torch.int32)
+
+        self.n_patches_active += n_active_nl.sum(dim=0, dtype=torch.float64).to(torch.int64)
+        self.sum_active += img_sum.sum(dim=0, dtype=torch.float64)  # latents are >= 0: the sum of the values > 0
+        self.n_images_active += (img_max > 0).sum(dim=0)
+        self.max_act = torch.maximum(self.max_act, img_max.amax(dim=0))
+        self.count_dataset += count_nl.sum(dim=0, dtype=torch.int64)
+        labeled = (labels_t >= 0) & (labels_t < self.n_classes)
+        if self.n_classes and bool(labeled.any()):
+            self.count_class.index_add_(0, labels_t[labeled].long(), count_nl[labeled].long())
+
+        self.top["max"].update(img_max, z, images_t, labels_t)
+        self.top["mean"].update(img_sum / t, z, images_t, labels_t)
+        return _sparse_counts(count_nl, images)
+
+    def result(self) -> LatentStats:
+        return LatentStats(
+            n_images=self.n_images,
+            n_patches=self.n_patches,
+            tau=self.tau,
+            n_patches_active=self.n_patches_active.cpu().numpy(),
+            n_images_active=self.n_images_active.cpu().numpy(),
+            sum_active=self.sum_active.cpu().numpy(),
+            max_act=self.max_act.cpu().numpy(),
+            count_dataset=self.count_dataset.cpu().numpy(),
+            count_class=self.count_class.cpu().numpy(),
+            top={r: t.result() for r, t in self.top.items()},
+        )
