@@ -278,7 +278,7 @@ def _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all,
     batches = _chunk_batches(st, chunks, cfg.batch_size)
     # Large JPEGs decode at a reduced scale that still covers the resize (libjpeg draft mode).
     max_side = pre.resize if pre.resize else max(pre.image_size)
-    ds = RecordDataset(src, pre.transform, indices=None, max_side=max_side)
+    ds = RecordDataset(src, pre.to_uint8, indices=None, max_side=max_side)
     loader = torch.utils.data.DataLoader(
         ds,
         batch_sampler=batches,
@@ -321,7 +321,8 @@ def _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all,
                             "--skip-bad to record it as invalid (readers skip invalid images); finished chunks are kept."
                         )
                 with torch.inference_mode():
-                    out = model.capture(x.to(cfg.device, non_blocking=True), hooks, keep_registers=cfg.keep_registers, tokens=cfg.tokens)
+                    x = pre.normalize(x.to(cfg.device, non_blocking=True))
+                    out = model.capture(x, hooks, keep_registers=cfg.keep_registers, tokens=cfg.tokens)
                 out_np = {h: out[h].float().cpu().numpy() for h in hooks}
                 i = chunk_of(int(idx[0]))
                 buf = pending.setdefault(i, new_buffers(i))

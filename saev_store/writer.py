@@ -1,10 +1,12 @@
 """A background writer: image blocks go to disk while the model computes the next batches.
 
-The recorder hands finished blocks to `BlockWriter.submit`; a thread writes them with
-`Store.write_block`. The queue is bounded (`max_pending` blocks, each up to 64 MiB per hook), so a
-disk slower than the model applies back-pressure instead of filling memory, and the model never
-waits for the disk otherwise. An error in the thread (disk full, permissions) is raised again in
-the caller at its next `submit` or at `close`, naming the chunk.
+The recorder hands finished blocks to `BlockWriter.submit`; `n_threads` threads write them with
+`Store.write_block`. Chunks are independent files, so several can be written at once: one thread
+tops out near 1.1 GB/s (crc32c, statistics, the copy into the page cache; measured on an H200
+host whose disk writes 2 GB/s), below a fast disk. The queue is bounded (`max_pending` blocks,
+each up to 64 MiB per hook), so a disk slower than the model applies back-pressure instead of
+filling memory, and the model never waits for the disk otherwise. An error in a thread (disk full,
+permissions) is raised again in the caller at its next `submit` or at `close`, naming the chunk.
 """
 
 from __future__ import annotations
@@ -45,17 +47,19 @@ class WriterError(RuntimeError):
 class BlockWriter:
     """Writes submitted blocks in a background thread; use as a context manager."""
 
-    def __init__(self, st: Store, max_pending: int = 2, on_written: Callable[[Block], None] | None = None):
+    def __init__(self, st: Store, n_threads: int = 2, max_pending: int | None = None, on_written: Callable[[Block], None] | None = None):
         self.st = st
         self.on_written = on_written
-        self._q: queue.Queue[Block | None] = queue.Queue(maxsize=max_pending)
+        self._q: queue.Queue[Block | None] = queue.Queue(maxsize=max_pending or n_threads + 1)
         self._error: WriterError | None = None
+        self._lock = threading.Lock()
         self.write_s = 0.0
-        """Seconds the thread spent writing (the disk's share of the run)."""
+        """Seconds the threads spent writing, summed (the disk's share of the run)."""
         self.wait_s = 0.0
         """Seconds `submit` waited for a free slot (the model waiting for the disk)."""
-        self._thread = threading.Thread(target=self._run, name="saev-store-writer", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f"saev-store-writer-{i}", daemon=True) for i in range(n_threads)]
+        for t in self._threads:
+            t.start()
 
     def _run(self) -> None:
         while True:
@@ -68,12 +72,15 @@ class BlockWriter:
             try:
                 self.st.write_block(block.chunk, block.acts, labels=block.labels, image_ids=block.image_ids, valid=block.valid)
             except BaseException as err:  # surfaced in the caller's thread
-                self._error = WriterError(block.chunk, err)
-                self._error.__cause__ = err
+                with self._lock:
+                    if self._error is None:
+                        self._error = WriterError(block.chunk, err)
+                        self._error.__cause__ = err
                 continue
-            self.write_s += time.perf_counter() - t0
-            if self.on_written is not None:
-                self.on_written(block)
+            with self._lock:
+                self.write_s += time.perf_counter() - t0
+                if self.on_written is not None:
+                    self.on_written(block)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -91,10 +98,12 @@ class BlockWriter:
         self.wait_s += time.perf_counter() - t0
 
     def close(self) -> None:
-        """Finish every submitted block, stop the thread, raise any write error."""
-        if self._thread.is_alive():
+        """Finish every submitted block, stop the threads, raise any write error."""
+        alive = [t for t in self._threads if t.is_alive()]
+        for _ in alive:
             self._q.put(None)
-            self._thread.join()
+        for t in alive:
+            t.join()
         self._raise_if_failed()
 
     def __enter__(self) -> "BlockWriter":

@@ -65,7 +65,7 @@ class RecordDataset(torch.utils.data.Dataset):
         try:
             img = self.src.load(index, max_side=self.max_side)
         except BadImageError as err:
-            return index, torch.zeros(self._blank_shape(), dtype=torch.float32), False, err.reason
+            return index, self._blank(), False, err.reason
         return index, self._apply(img), True, ""
 
     def _apply(self, img: Image.Image) -> torch.Tensor:
@@ -73,13 +73,14 @@ class RecordDataset(torch.utils.data.Dataset):
         if not isinstance(x, torch.Tensor) or x.ndim != 3 or x.shape[0] != 3:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"RecordDataset: transform must return a (3, H, W) tensor, got {got}.")
-        return x.to(torch.float32)
+        # uint8 stays uint8 (the recorder normalizes on the model's device); anything else is float32.
+        return x if x.dtype == torch.uint8 else x.to(torch.float32)
 
-    def _blank_shape(self) -> tuple[int, int, int]:
-        if self.image_shape is None:
-            # Any blank image: the recorder's transforms resize/crop to a fixed size.
-            self.image_shape = tuple(self._apply(Image.new("RGB", (256, 256))).shape)
-        return self.image_shape
+    def _blank(self) -> torch.Tensor:
+        """Zeros standing in for an unreadable image, in the shape and dtype the transform gives."""
+        probe = self._apply(Image.new("RGB", (256, 256)))  # the transforms resize/crop to a fixed size
+        shape = probe.shape if self.image_shape is None else self.image_shape
+        return torch.zeros(shape, dtype=probe.dtype)
 
 
 def collate(items: list[tuple[int, torch.Tensor, bool, str]]) -> RecordBatch:

@@ -130,6 +130,13 @@ class PreprocessConfig:
 
     def transform(self, img: Image.Image) -> torch.Tensor:
         """PIL image (any mode; converted to RGB) -> float32 tensor (3, H, W), normalized. Deterministic."""
+        return self.normalize(self.to_uint8(img))
+
+    def to_uint8(self, img: Image.Image) -> torch.Tensor:
+        """The geometric half of `transform`: resize and crop -> uint8 tensor (3, H, W).
+
+        The recorder's workers return these and `normalize` runs on the model's device: a quarter of
+        the bytes through shared memory, pinned memory and the host-to-device copy."""
         img = img.convert("RGB")
         resample = INTERPOLATIONS[self.interpolation]
         h_out, w_out = self.image_size
@@ -146,11 +153,15 @@ class PreprocessConfig:
             img = img.crop((left, top, left + w_out, top + h_out))
         elif img.size != (w_out, h_out):
             img = img.resize((w_out, h_out), resample)
-        x_hwc = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
-        x_chw = x_hwc.permute(2, 0, 1).to(torch.float32).div(255)
-        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
-        return x_chw.sub_(mean).div_(std).contiguous()
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+    def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, H, W) on any device -> float32, scaled to [0, 1] and normalized by mean/std.
+        The same IEEE operations in the same order on every device, so CPU and GPU agree bitwise."""
+        shape = (3, 1, 1)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x_uint8.device).view(shape)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x_uint8.device).view(shape)
+        return x_uint8.to(torch.float32).div(255).sub_(mean).div_(std).contiguous()
 
     __call__ = transform
 
