@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from saev_store.errors import UserError
+from saev_store.errors import UserError, cli_errors
 
 
 class _Group(click.Group):
-    """Prints a UserError as one line (no traceback) and exits with status 2."""
+    """Every command prints a UserError as one line (no traceback) and exits with status 2."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except UserError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
+        return cli_errors("nothing is kept from an interrupted command; rerun it.")(super().invoke)(ctx)
+
+
+def _image_options(fn):
+    """Options shared by the commands that draw exemplar tiles."""
+    for opt in reversed([
+        click.option("--cols", "n_cols", default=4, show_default=True, help="Tiles per grid row."),
+        click.option("--alpha", default=0.6, show_default=True, help="Heatmap opacity at the latent's largest value."),
+        click.option("--data-root", default=None, help="Where the store's dataset lives now, if it moved."),
+        click.option("--quiet", is_flag=True, help="No progress bar."),
+    ]):
+        fn = opt(fn)
+    return fn
 
 
 def _latent_list(value: str | None) -> list[int] | None:
@@ -68,10 +74,7 @@ def topk(run_or_sae, store_path, out_dpath, hook, k, tau, memory_mb, block_image
 @click.option("--latents", default=None, help="Comma-separated latent indices (default: --n-latents spread over frequency).")
 @click.option("--n-latents", default=16, show_default=True, help="How many latents when --latents is not given.")
 @click.option("--out", "out_dpath", default=None, help="Output folder (default: TOPK/<sae>/render).")
-@click.option("--cols", "n_cols", default=4, show_default=True, help="Tiles per grid row.")
-@click.option("--alpha", default=0.6, show_default=True, help="Heatmap opacity at the latent's largest value.")
-@click.option("--data-root", default=None, help="Where the store's dataset lives now, if it moved.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_image_options
 def render(topk_dpath, sae, latents, n_latents, out_dpath, n_cols, alpha, data_root, quiet):
     """Exemplar grids with patch heatmaps, the frequency/activation scatter and the frequency histogram."""
     from .render import render as render_fn
@@ -90,10 +93,7 @@ def render(topk_dpath, sae, latents, n_latents, out_dpath, n_cols, alpha, data_r
 @click.option("--sae", "saes", multiple=True, help="Only these SAEs (repeatable; default all).")
 @click.option("--latents", default=None, help="Comma-separated latents that get a page (default: --max-pages spread over frequency).")
 @click.option("--max-pages", default=128, show_default=True, help="Latent pages per SAE when --latents is not given.")
-@click.option("--cols", "n_cols", default=4, show_default=True, help="Tiles per grid row.")
-@click.option("--alpha", default=0.6, show_default=True, help="Heatmap opacity at the latent's largest value.")
-@click.option("--data-root", default=None, help="Where the store's dataset lives now, if it moved.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_image_options
 def report(topk_dpath, out_dpath, saes, latents, max_pages, n_cols, alpha, data_root, quiet):
     """A static HTML report (opens from disk): sortable, filterable latent index and a page per latent."""
     from .report import build_report
