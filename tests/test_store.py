@@ -172,3 +172,24 @@ def test_pending_chunks_partition_across_writers(tmp_path):
     parts = [st.pending_chunks(r, 3) for r in range(3)]
     assert sorted(sum(parts, [])) == [0, 2, 3, 4]
     assert all(i % 3 == r for r, p in enumerate(parts) for i in p)
+
+
+def test_remote_store_through_zarrs_fsspec_store(rng):
+    """A URL goes through zarr's own stores (here fsspec's in-memory filesystem, standing in for
+    s3:// or gs://): writing, reading, verifying and loading take zarr's path, not the local fast path."""
+    from saev_store.loaders import ShuffledLoader
+
+    x = rng.standard_normal((10, 5, 3)).astype(np.float32)
+    url = f"memory://bucket/{rng.integers(1 << 30)}/s.zarr"
+    st = create_store(url, n_images=10, hooks={"h": HookSpec(3, TokenLayout(5, cls=0, grid=(2, 2), grid_start=1))}, images_per_chunk=4)
+    assert st.chunk_fpath("h", 0) is None
+    for i in st.pending_chunks():
+        a, b = st.chunk_bounds(i)
+        st.write_block(i, {"h": x[a:b]}, labels=np.arange(a, b))
+    st.finalize()
+    remote = open_store(url)
+    assert remote.read("h", 0, 10).tobytes() == x.tobytes()
+    assert remote.complete and verify(remote) == [] and remote.labels().tolist() == list(range(10))
+    rows = np.concatenate([b.numpy() for b in ShuffledLoader(remote, "h", batch_size=7, normalize=False)])
+    want = x[:, 1:].reshape(-1, 3)
+    assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, want.tolist()))
