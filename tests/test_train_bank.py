@@ -92,7 +92,15 @@ def _saes(d_in):
 
 
 @pytest.mark.parametrize("fuse", [True, False])
-def test_bank_equals_one_at_a_time(fuse):
+@pytest.mark.parametrize("chunk_bytes", [8 << 20, 1], ids=["whole-group", "member-chunks"])
+def test_bank_equals_one_at_a_time(fuse, chunk_bytes, monkeypatch):
+    """Whole groups at once (as on a GPU) and one member at a time, with Adam in one-row slices (as on
+    a CPU with wide SAEs)."""
+    import trainers.optim as optim_mod
+    import trainers.sae as sae_mod
+
+    monkeypatch.setattr(sae_mod, "CPU_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(optim_mod, "CPU_SLICE_BYTES", chunk_bytes)
     d_in, B, n_steps = 8, 32, 12
     saes = _saes(d_in)
     cfg = TrainConfig(saes=tuple(saes), batch_size=B, warmup_steps=3, l1_warmup_steps=4, schedule="cosine",
@@ -152,3 +160,36 @@ def test_decoder_unit_norm_and_update_tangent(monkeypatch):
             assert delta.abs().max() > 1e-6  # the decoder did move
             np.testing.assert_allclose((delta * w0).sum(-1).numpy(), 0.0, atol=1e-6)
             np.testing.assert_allclose(g.W_dec.detach().double().norm(dim=-1).numpy(), 1.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("chunk_bytes", [8 << 20, 1], ids=["whole-group", "member-chunks"])
+def test_hand_gradients_equal_autograd(fuse, chunk_bytes, monkeypatch):
+    """The training step's hand-written gradient (`train_grads`) against autograd through the plain
+    forward pass, in float64, with a non-zero decoder bias and every latent dead (auxiliary loss on)."""
+    import trainers.sae as sae_mod
+
+    monkeypatch.setattr(sae_mod, "CPU_CHUNK_BYTES", chunk_bytes)
+    d_in, B = 6, 40
+    saes = [SAEConfig("r", d_in, 24, "relu", l1=0.7, seed=1), SAEConfig("t", d_in, 24, "topk", k=3, seed=2, aux_k=4),
+            SAEConfig("b", d_in, 24, "batchtopk", k=2, seed=3), SAEConfig("r2", d_in, 24, "relu", l1=0.0, seed=4)]
+    bank = SAEBank(saes, fuse).double()
+    g = bank.groups[0]
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        g.b_dec.copy_(torch.randn(g.b_dec.shape, generator=gen, dtype=torch.float64))
+        g.b_enc.copy_(torch.randn(g.b_enc.shape, generator=gen, dtype=torch.float64) * 0.1)
+    g.tokens_since_fired.fill_(10**7)
+    x = torch.randn(B, d_in, generator=gen, dtype=torch.float64)
+    l1 = torch.tensor([0.7, 0.0, 0.0, 0.0], dtype=torch.float64)
+    got = g.train_grads(x, l1, torch.float64)
+    hand = {k: p.grad.clone() for k, p in g.named_parameters()}
+    for p in g.parameters():
+        p.grad = None
+    out = g(x, train=True)
+    loss = out.mse + l1 * out.l1 + out.aux
+    loss.sum().backward()
+    assert float(out.aux[1].detach()) > 0 and float(out.aux[2].detach()) > 0
+    torch.testing.assert_close(got.loss, loss.detach(), rtol=1e-12, atol=1e-12)
+    for k, p in g.named_parameters():
+        torch.testing.assert_close(hand[k], p.grad, rtol=1e-10, atol=1e-10, msg=k)

@@ -17,8 +17,8 @@ import torch
 @torch.no_grad()
 def remove_parallel_(g_nsd: torch.Tensor, w_nsd: torch.Tensor) -> torch.Tensor:
     """In place: g -= <g, w> w for each row (last dim) of unit-norm `w`; returns g."""
-    coef = (g_nsd * w_nsd).sum(dim=-1, keepdim=True)
-    g_nsd.sub_(coef * w_nsd)
+    coef = torch.linalg.vecdot(g_nsd, w_nsd, dim=-1).unsqueeze(-1)
+    g_nsd.addcmul_(coef, w_nsd, value=-1.0)
     return g_nsd
 
 

@@ -63,7 +63,8 @@ class EvalMetrics(NamedTuple):
 
 
 class FVUAccumulator:
-    """Streams (x, x_hat) row batches; float64 sums."""
+    """Streams (x, x_hat) row batches; float64 sums. The data half (`add_rows`: count, mean, and the
+    sum of squared deviations) does not depend on the SAE, so a bank evaluates it once for all."""
 
     def __init__(self, d: int):
         self.n = 0
@@ -75,6 +76,11 @@ class FVUAccumulator:
         x = _f64(x_nd)
         err = x - _f64(x_hat_nd)
         self.sse += float(np.einsum("nd,nd->", err, err))
+        self.add_rows(x)
+
+    def add_rows(self, x_nd) -> None:
+        """Merge a batch into the data statistics (Chan et al.)."""
+        x = _f64(x_nd)
         n_b = x.shape[0]
         if n_b == 0:
             return
@@ -97,27 +103,43 @@ class FVUAccumulator:
 
 
 class SAEAccumulator:
-    """Everything `EvalMetrics` holds, for one SAE, streamed."""
+    """Everything `EvalMetrics` holds, for one SAE, streamed.
 
-    def __init__(self, d_in: int, d_sae: int):
-        self.fvu = FVUAccumulator(d_in)
+    Alone (`update`), it tracks its own data statistics. In a bank, pass the one shared `data`
+    accumulator (fed once per batch by the caller with `add_rows`) and feed each SAE's per-batch
+    sums with `add`; the data statistics are then computed once, not once per SAE."""
+
+    def __init__(self, d_in: int, d_sae: int, data: FVUAccumulator | None = None):
+        self.own_data = data is None
+        self.fvu = FVUAccumulator(d_in) if data is None else data
+        self.sse = 0.0
         self.n_fired = np.zeros(d_sae, dtype=np.int64)
-        self.sum_l0 = 0.0
+        self.sum_l0 = 0
         self.sum_l1 = 0.0
 
     def update(self, x_nd: torch.Tensor, x_hat_nd: torch.Tensor, z_ns: torch.Tensor) -> None:
-        self.fvu.update(x_nd, x_hat_nd)
-        active = z_ns > 0
-        self.n_fired += active.sum(dim=0).cpu().numpy()
-        self.sum_l0 += float(active.sum())
-        self.sum_l1 += float(z_ns.double().abs().sum())
+        if self.own_data:
+            self.fvu.add_rows(x_nd)
+        err = _f64(x_nd) - _f64(x_hat_nd)
+        z = torch.as_tensor(z_ns)
+        self.add(float(np.einsum("nd,nd->", err, err)), float(z.double().abs().sum()),
+                 (z > 0).sum(dim=0, dtype=torch.int32))
+
+    def add(self, sse: float, l1: float, n_fired_s) -> None:
+        """One batch's sums: squared error (float64), sum |z|, and rows each latent fired on."""
+        self.sse += sse
+        self.sum_l1 += l1
+        n_fired = np.asarray(torch.as_tensor(n_fired_s).cpu(), dtype=np.int64)
+        self.n_fired += n_fired
+        self.sum_l0 += int(n_fired.sum())
 
     def result(self) -> EvalMetrics:
         n = max(self.fvu.n, 1)
+        d = self.fvu.mean.shape[0]
         freq = self.n_fired / n
         return EvalMetrics(
-            fvu=self.fvu.fvu,
-            mse=self.fvu.mse,
+            fvu=self.sse / self.fvu.m2 if self.fvu.m2 > 0 else float("nan"),
+            mse=self.sse / (self.fvu.n * d) if self.fvu.n else float("nan"),
             l0=self.sum_l0 / n,
             l1=self.sum_l1 / n,
             n_rows=self.fvu.n,

@@ -19,6 +19,25 @@ MEMBER_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": 0}
 """Which axis of each group parameter indexes the member SAE."""
 
 
+ROW_AXIS = {"W_enc": 0, "b_enc": 1, "W_dec": 1, "b_dec": 1}
+"""An axis of each group parameter that is neither the member axis nor the decoder's row (last) axis:
+the CPU update runs in slices along it."""
+CPU_SLICE_BYTES = 1 << 20
+"""On a CPU the update walks each parameter in slices of about this size, so the six passes over a
+slice (parameter, gradient, two moments, scratch: 5 MiB) run from cache; a whole stacked W_enc of a
+nine-SAE bank is 35 MB per tensor and would stream from memory on every pass."""
+
+
+def _row_chunks(p: torch.Tensor, axis: int) -> list[tuple[slice, ...]]:
+    """Index tuples cutting `p` along `axis` into CPU_SLICE_BYTES pieces (one piece off the CPU)."""
+    n = p.shape[axis]
+    if p.device.type != "cpu":
+        return [(slice(None),)]
+    per_row = max(1, p.numel() // max(n, 1) * p.element_size())
+    step = max(1, CPU_SLICE_BYTES // per_row)
+    return [(slice(None),) * axis + (slice(a, min(a + step, n)),) for a in range(0, n, step)]
+
+
 def _lr_view(lr_n: torch.Tensor, p: torch.Tensor, axis: int) -> torch.Tensor:
     shape = [1] * p.ndim
     shape[axis] = -1
@@ -36,29 +55,50 @@ class BankAdam:
         self.state = [
             {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in g.named_parameters()} for g in bank.groups
         ]
+        self._bufs: dict = {}
 
     @torch.no_grad()
     def step(self, lrs: list[torch.Tensor]) -> None:
-        """One update; `lrs[g]` is the (n,) learning-rate vector of group g (this step's values)."""
+        """One update; `lrs[g]` is the (n,) learning-rate vector of group g (this step's values).
+
+        Per parameter (slice, on a CPU) six element-wise passes: the two moments, sqrt(v), the denominator scaled by
+        the member's step size (one addcmul), and one addcdiv applying m / denominator; the decoder
+        instead forms the update in the scratch buffer, projects it and subtracts it. `sqrt(v) / c +
+        eps` with c = sqrt(1 - beta2^t) is rewritten (sqrt(v) + eps c) / c so c folds into the step."""
         self.n_steps += 1
         b1, b2 = self.betas
         bc1 = 1 - b1**self.n_steps
         bc2_sqrt = math.sqrt(1 - b2**self.n_steps)
         for g, state, lr_n in zip(self.bank.groups, self.state, lrs):
+            # p -= lr / bc1 * m / (sqrt(v) / c + eps) = m / ((sqrt(v) + eps c) * inv), inv = bc1 / (lr c)
+            inv_n = bc1 / (lr_n.float() * bc2_sqrt)
             for name, p in g.named_parameters():
                 if p.grad is None:
                     continue
-                m, v = state[name]
-                grad = p.grad
-                m.lerp_(grad, 1 - b1)
-                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                # One temporary, updated in place (the moments of wide banks are GBs on a GPU).
-                update = v.sqrt().div_(bc2_sqrt).add_(self.eps)
-                torch.div(m, update, out=update)
-                update.mul_(_lr_view(lr_n.to(p) / bc1, p, MEMBER_AXIS[name]))
-                if name == "W_dec":
-                    remove_parallel_(update, p)
-                p.sub_(update)
+                m_all, v_all = state[name]
+                inv = _lr_view(inv_n.to(p), p, MEMBER_AXIS[name])
+                inv_eps = inv * (self.eps * bc2_sqrt)
+                for sl in _row_chunks(p, ROW_AXIS[name]):
+                    pc, grad, m, v = p.data[sl], p.grad[sl], m_all[sl], v_all[sl]
+                    m.lerp_(grad, 1 - b1)
+                    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                    denom = torch.sqrt(v, out=self._scratch(pc))
+                    torch.addcmul(inv_eps, denom, inv, out=denom)
+                    if name == "W_dec":
+                        # Adam's per-element scaling of a tangent gradient is not tangent: project the update.
+                        update = torch.div(m, denom, out=denom)
+                        remove_parallel_(update, pc)
+                        pc.sub_(update)
+                    else:
+                        pc.addcdiv_(m, denom, value=-1.0)
+
+    def _scratch(self, p: torch.Tensor) -> torch.Tensor:
+        """A reusable buffer shaped like `p` (one per shape; the largest are GBs on a GPU)."""
+        key = (tuple(p.shape), p.dtype, p.device)
+        buf = self._bufs.get(key)
+        if buf is None:
+            buf = self._bufs[key] = torch.empty_like(p, memory_format=torch.contiguous_format)
+        return buf
 
     def zero_grad(self) -> None:
         for p in self.bank.parameters():

@@ -31,7 +31,7 @@ from saev_store.stats import Normalizer
 
 from .config import TrainConfig
 from .export import export_sae
-from .metrics import HIST_EDGES, SAEAccumulator
+from .metrics import HIST_EDGES, FVUAccumulator, SAEAccumulator
 from .sae import SAEBank
 from .sae_io import RUN_FNAME
 from .train import MetricLogger, _world, train_pass
@@ -107,16 +107,28 @@ class _closing:
 
 
 @torch.no_grad()
-def evaluate(bank: SAEBank, rows: Iterator[torch.Tensor], normalizer: Normalizer, device, eval_batch: int = 8192) -> dict:
-    """Held-out metrics of every SAE of the bank (inference form: BatchTopK as its JumpReLU): name -> EvalMetrics."""
-    accs = {c.name: SAEAccumulator(c.d_in, c.d_sae) for c in bank.cfgs}
+def evaluate(bank: SAEBank, rows: Iterator[torch.Tensor], normalizer: Normalizer, device, eval_batch: int = 2048) -> dict:
+    """Held-out metrics of every SAE of the bank (inference form: BatchTopK as its JumpReLU): name -> EvalMetrics.
+
+    The data's own statistics (the FVU denominator) are accumulated once for the whole bank; each
+    SAE then costs its forward pass (member chunks, as in training) and three reductions, reduced
+    on the device and copied to the host as (d_sae,) counts and scalars."""
+    data = FVUAccumulator(bank.cfgs[0].d_in)
+    accs = {c.name: SAEAccumulator(c.d_in, c.d_sae, data) for c in bank.cfgs}
     mean_t = torch.as_tensor(normalizer.mean, dtype=torch.float32, device=device)
     for x_raw in rows:
         for start in range(0, x_raw.shape[0], eval_batch):
             x = (x_raw[start : start + eval_batch].to(device).float() - mean_t) * float(normalizer.scale)
-            for g, o in zip(bank.groups, bank(x, train=False)):
-                for i, c in enumerate(g.cfgs):
-                    accs[c.name].update(x, o.x_hat[i], o.latents[i])
+            data.add_rows(x)
+            x64 = x.double()
+            for g in bank.groups:
+                for a, b in g.chunks(x.shape[0], x.device):
+                    z, _ = g.activate(g.pre_acts(x, a, b), a, b, train=False, inplace=True)
+                    sse = (g.decode(z, a, b).double() - x64).pow_(2).sum(dim=(1, 2)).tolist()
+                    l1 = z.sum(dim=(1, 2), dtype=torch.float64).tolist()
+                    n_fired = (z > 0).sum(dim=1, dtype=torch.int32).cpu()
+                    for j in range(b - a):
+                        accs[g.cfgs[a + j].name].add(sse[j], l1[j], n_fired[j])
     return {name: a.result() for name, a in accs.items()}
 
 

@@ -1,8 +1,9 @@
 """The math of a bank of SAEs that share one input.
 
-SAEs of equal width are stacked into one `SAEGroup` (parameters with a leading member axis), so a
-group's encoders are ONE matrix product `x @ W_enc[d_in, n * d_sae]` and its decoders one bmm.
-Groups of different widths run one after the other. All tensors live in the normalized input space
+SAEs of equal width are stacked into one `SAEGroup` (parameters with a leading member axis; the
+encoder stored fused as W_enc[d_in, n, d_sae], so any run of members is ONE matrix product
+`x @ W_enc[:, a:b]` on a view of the parameter, never a per-step concatenation). Groups of different
+widths run one after the other. All tensors live in the normalized input space
 (x' = (x - mean) * scale); `export.py` folds the normalization into the weights.
 
 Per member the loss is the seeds' recipe: `||x - x_hat||^2` (summed over d, mean over the batch)
@@ -10,6 +11,12 @@ Per member the loss is the seeds' recipe: `||x - x_hat||^2` (summed over d, mean
 decoder-weighted one), + `aux_coef * scale * ||e - e_aux||^2` for TopK / BatchTopK members, where
 `e = x - x_hat` and `e_aux` is its reconstruction from the `aux_k` largest dead latents.
 Members share nothing but the input, so the gradient of the summed loss is each member's own.
+
+Two implementations of that loss: `SAEGroup.forward` (plain autograd; evaluation and tests) and
+`SAEGroup.train_grads` (the training step: the same loss differentiated by hand, so the latents are
+touched by a handful of passes and every gradient GEMM writes straight into the parameter's gradient
+buffer). On a CPU both process a group a few members at a time (`CPU_CHUNK_BYTES`) so that those
+passes run from cache; on a GPU a whole group at once.
 """
 
 from __future__ import annotations
@@ -24,6 +31,11 @@ from .config import SAEConfig
 
 BATCHTOPK_THRESHOLD_DECAY = 0.99
 """EMA decay of the BatchTopK inference threshold (mean smallest kept activation per batch)."""
+CPU_CHUNK_BYTES = 8 << 20
+"""On a CPU, members of a group are processed a few at a time so that one chunk's fp32 latents fit in
+about this much memory (the last-level cache of a small server is tens of MiB): one member of width
+5120 at batch 1024 is 21 MB, nine are 190 MB, and every element-wise pass over latents that do not
+fit in cache costs a trip to memory. A chunk is at least one member."""
 
 
 class Output(NamedTuple):
@@ -45,6 +57,25 @@ class Output(NamedTuple):
     """(n, d_sae) bool: latent fired on at least one row of the batch."""
     kept_min: torch.Tensor
     """(n,) smallest activation BatchTopK kept in this batch (inf for other members)."""
+
+
+class StepOut(NamedTuple):
+    """One group's training step (`SAEGroup.train_grads`): per member, on the device."""
+
+    loss: torch.Tensor
+    """(n,) mse + l1 coefficient * l1 + aux."""
+    mse: torch.Tensor
+    """(n,) mean over rows of ||x - x_hat||^2."""
+    l1: torch.Tensor
+    """(n,) mean over rows of sum z."""
+    l0: torch.Tensor
+    """(n,) mean active latents per row."""
+    aux: torch.Tensor
+    """(n,) weighted auxiliary dead-latent loss (0 where none is dead or for ReLU members)."""
+    fired: torch.Tensor
+    """(n, d_sae) bool: latent fired on at least one row."""
+    kept_min: torch.Tensor
+    """(n,) smallest activation BatchTopK kept (inf for other members)."""
 
 
 def kaiming_uniform(shape_out_in: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
@@ -82,8 +113,11 @@ class SAEGroup(nn.Module):
         """BatchTopK inference threshold (EMA of the smallest kept activation); 0 until the first step."""
         self.register_buffer("n_threshold_updates", torch.zeros((), dtype=torch.int64))
         self.register_buffer("tokens_since_fired", torch.zeros(n, self.d_sae, dtype=torch.int64))
-        archs = [c.arch for c in self.cfgs]
-        self.arch_members = {a: [i for i, b in enumerate(archs) if b == a] for a in dict.fromkeys(archs)}
+        self.archs = [c.arch for c in self.cfgs]
+        self.k_host = [c.k for c in self.cfgs]
+        """k per member on the host (shapes of the top-k calls, without a device sync)."""
+        self.aux_k_host = [min(c.n_aux, self.d_sae) for c in self.cfgs]
+        self._g_enc = self._g_dec = self._g_bdec = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -98,99 +132,238 @@ class SAEGroup(nn.Module):
         self.b_enc.zero_()
         self.b_dec.zero_()
 
-    def pre_acts(self, x_bd: torch.Tensor) -> torch.Tensor:
-        """(x - b_dec) @ W_enc + b_enc for every member: (n, B, d_sae)."""
-        n, s = self.n, self.d_sae
-        if self.fuse_encoders:
-            # One GEMM for all members: x @ W_enc - b_dec @ W_enc is (x - b_dec) @ W_enc, with the bias
-            # term costing only an (n, d_in) x (d_in, d_sae) product.
-            bias = self.b_enc - torch.einsum("nd,dns->ns", self.b_dec, self.W_enc)
-            h = torch.addmm(bias.reshape(1, n * s), x_bd, self.W_enc.reshape(self.d_in, n * s))
-            return h.view(-1, n, s).transpose(0, 1)
-        xc = x_bd[None] - self.b_dec[:, None, :]
-        return torch.baddbmm(self.b_enc[:, None, :], xc, self.W_enc.permute(1, 0, 2))
+    def chunks(self, n_rows: int, device: torch.device) -> list[tuple[int, int]]:
+        """Member ranges [a, b) processed together. On a GPU the whole group (big GEMMs keep it busy);
+        on a CPU as many members as keep one chunk's latents (n_rows x d_sae fp32 each) within
+        `CPU_CHUNK_BYTES`, so the element-wise passes over the latents run from cache instead of
+        streaming the whole group's (n, B, d_sae) tensor through memory once per pass."""
+        if device.type != "cpu":
+            return [(0, self.n)]
+        m = max(1, CPU_CHUNK_BYTES // max(1, n_rows * self.d_sae * 4))
+        return [(a, min(a + m, self.n)) for a in range(0, self.n, m)]
 
-    def activate(self, pre: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents from pre-activations; returns (z (n, B, d_sae), kept_min (n,))."""
-        kept_min = torch.full((self.n,), math.inf, device=pre.device)
-        if len(self.arch_members) == 1:
-            arch = next(iter(self.arch_members))
-            z, km = self._activate_arch(arch, pre, self.k, train)
-            return z, (km if km is not None else kept_min)
+    def pre_acts(self, x_bd: torch.Tensor, a: int = 0, b: int | None = None) -> torch.Tensor:
+        """(x - b_dec) @ W_enc + b_enc for members [a, b): (m, B, d_sae), in x's dtype.
+
+        Fused: ONE GEMM x @ W_enc[:, a:b] (a strided view of the stored parameter, no copy), since
+        (x - b_dec) @ W = x @ W - b_dec @ W and the bias term is only an (m, d_in) x (d_in, d_sae)
+        product; the result is laid out (B, m, d_sae) and returned as a (m, B, d_sae) view."""
+        b = self.n if b is None else b
+        m, s, dt = b - a, self.d_sae, x_bd.dtype
+        w = self.W_enc[:, a:b, :].to(dt)
+        if self.fuse_encoders:
+            bias = self.b_enc[a:b] - torch.einsum("md,dms->ms", self.b_dec[a:b], self.W_enc[:, a:b, :])
+            h = torch.addmm(bias.to(dt).reshape(1, m * s), x_bd, w.reshape(self.d_in, m * s))
+            return h.view(-1, m, s).transpose(0, 1)
+        xc = x_bd[None] - self.b_dec[a:b, None, :].to(dt)
+        return torch.baddbmm(self.b_enc[a:b, None, :].to(dt), xc, w.permute(1, 0, 2))
+
+    def activate(self, pre: torch.Tensor, a: int, b: int, train: bool, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents of members [a, b) from their pre-activations (m, B, d_sae); returns (z, kept_min (m,)).
+        `inplace`: ReLU members may overwrite `pre` (the training step does not need it again)."""
+        archs = self.archs[a:b]
+        if len(set(archs)) == 1:
+            z, km = self._activate_arch(archs[0], pre, a, b, train, inplace)
+            return z, (km if km is not None else torch.full((b - a,), math.inf, dtype=self.W_dec.dtype, device=pre.device))
         z = torch.empty_like(pre)
-        for arch, members in self.arch_members.items():
-            idx = torch.tensor(members, device=pre.device)
-            z_m, km = self._activate_arch(arch, pre.index_select(0, idx), self.k.index_select(0, idx), train)
-            z = z.index_copy(0, idx, z_m)
+        kept_min = torch.full((b - a,), math.inf, dtype=self.W_dec.dtype, device=pre.device)
+        for j in range(b - a):  # a chunk mixing architectures: member by member
+            z_j, km = self._activate_arch(archs[j], pre[j : j + 1], a + j, a + j + 1, train, False)
+            z[j] = z_j[0]
             if km is not None:
-                kept_min = kept_min.index_copy(0, idx, km)
+                kept_min[j] = km[0]
         return z, kept_min
 
-    def _activate_arch(self, arch: str, pre: torch.Tensor, k: torch.Tensor, train: bool):
+    def _activate_arch(self, arch: str, pre: torch.Tensor, a: int, b: int, train: bool, inplace: bool):
         if arch == "relu":
-            return torch.relu(pre), None
+            return (pre.clamp_min_(0) if inplace else torch.relu(pre)), None
         if arch == "topk" or (arch == "batchtopk" and train):
             m, B, s = pre.shape
+            k = self.k[a:b]
             if arch == "topk":
                 flat, k_rows = pre, k
             else:  # BatchTopK: the k * B largest over the whole batch, per member
                 flat, k_rows = pre.reshape(m, 1, B * s), k * B
-            k_max = int(k_rows.max())
+            k_max = max(self.k_host[a:b]) * (1 if arch == "topk" else B)
             vals, idx = flat.topk(k_max, dim=-1, sorted=True)
             keep = torch.arange(k_max, device=pre.device) < k_rows[:, None, None]
             vals = torch.relu(vals) * keep
-            z = torch.zeros_like(flat).scatter(-1, idx, vals).view(m, B, s)
+            z = torch.zeros((m,) + flat.shape[1:], dtype=pre.dtype, device=pre.device).scatter(-1, idx, vals).view(m, B, s)
             if arch == "topk":
                 return z, None
             kept = torch.where(keep & (vals > 0), vals.detach(), torch.full_like(vals, math.inf))
-            return z, kept.amin(dim=(1, 2))
+            return z, kept.amin(dim=(1, 2)).to(self.W_dec.dtype)
         # batchtopk at inference: a JumpReLU at the learned threshold (the form it is exported in)
-        members = self.arch_members["batchtopk"]
-        thr = self.threshold if len(self.arch_members) == 1 else self.threshold[members]
         h = torch.relu(pre)
-        return h * (h > thr[:, None, None]), None
+        return h * (h > self.threshold[a:b, None, None].to(h.dtype)), None
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(n, B, d_sae) -> (n, B, d_in)."""
-        return torch.baddbmm(self.b_dec[:, None, :], z, self.W_dec)
-
-    def aux_loss(self, x_bd: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-        """Auxiliary loss of TopK/BatchTopK members: the residual reconstructed from the aux_k largest
-        dead latents (SAELens / Gao et al.), scaled by min(n_dead / aux_k, 1). (n,), 0 where none are dead."""
-        zero = torch.zeros((), device=x_bd.device)
-        members = [i for a in ("topk", "batchtopk") for i in self.arch_members.get(a, [])]
-        if not members:
-            return zero.expand(self.n)
-        dead = self.tokens_since_fired >= self.dead_after[:, None]
-        if not bool(dead[members].any()):  # one host sync per step; skips the aux top-k while nothing is dead
-            return zero.expand(self.n)
-        aux = [zero] * self.n
-        for i in members:
-            k_aux = int(self.aux_k[i])
-            masked = pre[i].masked_fill(~dead[i], -math.inf)
-            vals, idx = masked.topk(k_aux, dim=-1)
-            z_aux = torch.zeros_like(pre[i]).scatter(-1, idx, torch.relu(vals))
-            e_hat = z_aux @ self.W_dec[i].float()
-            resid = (x_bd.float() - x_hat[i]).detach()
-            scale = torch.clamp(dead[i].sum() / k_aux, max=1.0)
-            aux[i] = self.aux_coef[i] * scale * (e_hat - resid).pow(2).sum(-1).mean()
-        return torch.stack(aux)
+    def decode(self, z: torch.Tensor, a: int = 0, b: int | None = None) -> torch.Tensor:
+        """Members [a, b): (m, B, d_sae) -> (m, B, d_in), in z's dtype."""
+        b = self.n if b is None else b
+        dt = z.dtype
+        return torch.baddbmm(self.b_dec[a:b, None, :].to(dt), z, self.W_dec[a:b].to(dt))
 
     def forward(self, x_bd: torch.Tensor, train: bool = True) -> Output:
-        pre = self.pre_acts(x_bd)
-        z, kept_min = self.activate(pre, train)
-        x_hat = self.decode(z)
-        x_hat = x_hat.float()
-        err = x_hat - x_bd.float()[None]
-        mse = err.pow(2).sum(-1).mean(-1)
-        # z >= 0, so the plain sum is the L1 norm (its backward needs no sign); summing in fp32 without
-        # materializing an fp32 copy of z saves two passes over the largest tensor under bf16 autocast.
-        l1 = z.sum(-1, dtype=torch.float32).mean(-1)
-        with torch.no_grad():
-            active = z > 0
-            l0 = active.sum(-1).float().mean(-1)
-        aux = self.aux_loss(x_bd, x_hat, pre.float()) if train else torch.zeros_like(mse)
-        return Output(x_hat, z, mse, l1, l0, aux, active.any(dim=1), kept_min)
+        """All members, differentiable (autograd); evaluation and tests use it. Training uses the
+        hand-written `train_grads`, which computes the same loss and its gradient with fewer passes."""
+        outs, wd = [], self.W_dec.dtype  # losses in the weights' dtype (fp32; fp64 in tests)
+        for a, b in self.chunks(x_bd.shape[0], x_bd.device):
+            pre = self.pre_acts(x_bd, a, b)
+            z, kept_min = self.activate(pre, a, b, train)
+            x_hat = self.decode(z, a, b).to(wd)
+            err = x_hat - x_bd.to(wd)[None]
+            mse = err.pow(2).sum(-1).mean(-1)
+            l1 = z.sum(-1, dtype=wd).mean(-1)
+            with torch.no_grad():
+                l0 = (z > 0).sum(dim=(1, 2), dtype=torch.int32).to(wd) / z.shape[1]
+                fired = z.amax(1) > 0
+            aux = self.aux_loss(x_bd, x_hat, pre, a, b) if train else torch.zeros_like(mse)
+            outs.append(Output(x_hat, z, mse, l1, l0, aux, fired, kept_min))
+        if len(outs) == 1:
+            return outs[0]
+        return Output(*(torch.cat(t) for t in zip(*outs)))
+
+    def aux_loss(self, x_bd: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """Auxiliary loss of TopK/BatchTopK members [a, b) (autograd form, for `forward`): (m,)."""
+        zero = torch.zeros((), dtype=self.W_dec.dtype, device=x_bd.device)
+        aux = [zero] * (b - a)
+        for i in self._aux_members(a, b):
+            j = i - a
+            z_aux, scale = self._aux_latents(pre[j], i)
+            e_hat = z_aux @ self.W_dec[i]
+            resid = (x_bd.to(x_hat.dtype) - x_hat[j]).detach()
+            aux[j] = self.aux_coef[i] * scale * (e_hat - resid).pow(2).sum(-1).mean()
+        return torch.stack(aux)
+
+    def _aux_members(self, a: int, b: int) -> list[int]:
+        """TopK/BatchTopK members of [a, b) with a dead latent (one host sync; none while nothing is dead)."""
+        members = [i for i in range(a, b) if self.archs[i] != "relu"]
+        if not members:
+            return []
+        dead_any = (self.tokens_since_fired[a:b] >= self.dead_after[a:b, None]).any(-1).tolist()
+        return [i for i in members if dead_any[i - a]]
+
+    def _aux_latents(self, pre_bs: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z_aux (B, d_sae): the aux_k largest dead pre-activations, relu'd; scale min(n_dead / aux_k, 1))."""
+        dead = self.tokens_since_fired[i] >= self.dead_after[i]
+        k_aux = int(self.aux_k_host[i])
+        vals, idx = pre_bs.to(self.W_dec.dtype).masked_fill(~dead, -math.inf).topk(k_aux, dim=-1)
+        z_aux = torch.zeros(pre_bs.shape, dtype=vals.dtype, device=pre_bs.device).scatter(-1, idx, torch.relu(vals))
+        return z_aux, torch.clamp(dead.sum() / k_aux, max=1.0)
+
+    def _grad_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Persistent gradient storage, reused every step: G_enc (d_in + 1, n * d_sae) holds the
+        encoder weight gradient in its first d_in rows and the encoder bias gradient in the last, so
+        ONE GEMM [x, 1]^T @ dpre gives both; W_dec and b_dec have their own."""
+        dev = self.W_enc.device
+        if self._g_enc is None or self._g_enc.device != dev or self._g_enc.dtype != self.W_enc.dtype:
+            self._g_enc = torch.zeros(self.d_in + 1, self.n * self.d_sae, dtype=self.W_enc.dtype, device=dev)
+            self._g_dec = torch.zeros_like(self.W_dec, memory_format=torch.contiguous_format)
+            self._g_bdec = torch.zeros_like(self.b_dec)
+        return self._g_enc, self._g_dec, self._g_bdec
+
+    @torch.no_grad()
+    def train_grads(self, x_bd: torch.Tensor, l1_coef: torch.Tensor, compute_dtype: torch.dtype | None = None) -> StepOut:
+        """Loss of every member on the batch and its gradient, written to the parameters' `.grad`.
+
+        The same loss as `forward(train=True)` (summed over members), differentiated by hand so that
+        each chunk of members costs its five GEMMs plus a handful of element-wise passes over the
+        latents: ReLU in place, the L1 term folded into the latent gradient, the ReLU/TopK mask applied
+        in place (`z > 0` is exactly where the latent had a gradient), the encoder bias gradient a row
+        of the encoder weight GEMM, and every gradient GEMM writing straight into its final buffer.
+        `l1_coef` (n,) is this step's L1 coefficient (0 for TopK/BatchTopK members)."""
+        B, d, s = x_bd.shape[0], self.d_in, self.d_sae
+        wd = self.W_dec.dtype  # the weights' (master) dtype: losses and gradients
+        cd = compute_dtype or wd  # GEMMs and latents (bf16 on a GPU when asked)
+        g_enc, g_dec, g_bdec = self._grad_buffers()
+        x = x_bd.to(wd)
+        x_cd = x.to(cd)
+        x1_t = torch.cat([x_cd, torch.ones(B, 1, dtype=cd, device=x.device)], 1).T  # (d + 1, B)
+        parts = []
+        for a, b in self.chunks(B, x.device):
+            m = b - a
+            pre = self.pre_acts(x_cd, a, b)
+            aux_members = self._aux_members(a, b)
+            all_relu = all(arch == "relu" for arch in self.archs[a:b])
+            z, kept_min = self.activate(pre, a, b, train=True, inplace=all_relu)
+            x_hat = self.decode(z, a, b).to(wd)
+            err = x_hat.sub_(x)  # (m, B, d): x_hat - x
+            mse = err.pow(2).sum(-1).mean(-1)
+            # Statistics, each one pass over the latents. (z > 0).sum(...) into int64 is ~10x slower
+            # than into int32 on a CPU; amax over rows says which latents fired.
+            l1 = z.sum(dim=(1, 2), dtype=wd) / B
+            l0 = (z > 0).sum(dim=(1, 2), dtype=torch.int32).to(wd) / B
+            fired = z.amax(1) > 0  # (m, d_sae)
+            aux = torch.zeros(m, dtype=wd, device=x.device)
+            g = err.mul_(2.0 / B)  # d loss / d x_hat
+            g_cd = g.to(cd)
+            # Decoder: dW_dec = z^T g, db_dec = sum_B g (plus the encoder's b_dec term below).
+            gw = g_dec[a:b]
+            if cd == wd:
+                torch.bmm(z.transpose(1, 2), g_cd, out=gw)
+            else:
+                gw.copy_(torch.bmm(z.transpose(1, 2), g_cd))
+            gb = g.sum(1)
+            # Latent gradient g W_dec^T (+ l1 / B for ReLU members), laid out like the encoder output
+            # so the encoder's weight gradient is one GEMM without a transpose copy.
+            if self.fuse_encoders:
+                buf = torch.empty(B, m, s, dtype=cd, device=x.device)
+                dz = buf.transpose(0, 1)
+            else:
+                buf = dz = torch.empty(m, B, s, dtype=cd, device=x.device)
+            w_dec_t = self.W_dec[a:b].to(cd).transpose(1, 2)
+            if all_relu:
+                torch.baddbmm((l1_coef[a:b] / B).to(cd)[:, None, None].expand(m, B, s), g_cd, w_dec_t, out=dz)
+            else:
+                torch.bmm(g_cd, w_dec_t, out=dz)
+                if bool((l1_coef[a:b] != 0).any()):
+                    dz.add_((l1_coef[a:b] / B).to(cd)[:, None, None])
+            torch.ops.aten.threshold_backward.grad_input(dz, z, 0, grad_input=dz)  # dpre, in place
+            for i in aux_members:
+                j = i - a
+                aux[j] = self._aux_grads(pre[j], g[j], i, dz[j], gw[j], B)
+            # Encoder: [x, 1]^T dpre gives x^T dpre and db_enc = sum_B dpre in one GEMM.
+            ge = g_enc[:, a * s : b * s]
+            if self.fuse_encoders:
+                if cd == wd:
+                    torch.mm(x1_t, buf.view(B, m * s), out=ge)
+                else:
+                    ge.copy_(x1_t @ buf.view(B, m * s))
+            else:
+                ge_v = ge.view(d + 1, m, s).permute(1, 0, 2)
+                if cd == wd:
+                    torch.bmm(x1_t.expand(m, d + 1, B), dz, out=ge_v)
+                else:
+                    ge_v.copy_(torch.bmm(x1_t.expand(m, d + 1, B), dz))
+            db_enc = g_enc[d, a * s : b * s].view(m, s)
+            w_enc = self.W_enc[:, a:b, :]
+            # (x - b_dec) is the encoder's input: dW_enc = x^T dpre - b_dec (x) db_enc, and
+            # db_dec gets -W_enc db_enc.
+            g_enc[:d, a * s : b * s].view(d, m, s).sub_(self.b_dec[a:b].T[:, :, None] * db_enc[None])
+            gb.sub_(torch.einsum("dms,ms->md", w_enc, db_enc))
+            g_bdec[a:b] = gb
+            parts.append((mse, l1, l0, aux, fired, kept_min))
+        self.W_enc.grad = g_enc[:d].view(d, self.n, s)
+        self.b_enc.grad = g_enc[d].view(self.n, s)
+        self.W_dec.grad = g_dec
+        self.b_dec.grad = g_bdec
+        mse, l1, l0, aux, fired, kept_min = (torch.cat(t) if len(parts) > 1 else t[0] for t in zip(*parts))
+        return StepOut(mse + l1_coef * l1 + aux, mse, l1, l0, aux, fired, kept_min)
+
+    def _aux_grads(self, pre_bs: torch.Tensor, g_bd: torch.Tensor, i: int, dpre_bs: torch.Tensor,
+                   gw_sd: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """Member i's auxiliary loss; adds its gradient to dpre (B, d_sae) and dW_dec (d_sae, d_in).
+        `g_bd` is d mse / d x_hat = 2 (x_hat - x) / B, so the residual x - x_hat is -g B / 2."""
+        z_aux, scale = self._aux_latents(pre_bs, i)
+        w = self.W_dec[i]
+        r = (z_aux @ w).add_(g_bd, alpha=n_rows / 2)  # e_aux - (x - x_hat)
+        coef = self.aux_coef[i] * scale
+        aux = coef * r.pow(2).sum(-1).mean()
+        ga = r.mul_(2.0 / n_rows * coef)
+        gw_sd.add_((z_aux.T @ ga).to(gw_sd.dtype))
+        dz_aux = (ga @ w.T).mul_(z_aux > 0)
+        dpre_bs.add_(dz_aux.to(dpre_bs.dtype))
+        return aux
 
     @torch.no_grad()
     def after_step(self, fired: torch.Tensor, n_rows: int, kept_min: torch.Tensor) -> None:

@@ -29,7 +29,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SAEConfig, TrainConfig
 from .constraints import remove_parallel_, renormalize_rows_
 from .optim import BankAdam
-from .sae import Output, SAEBank, geometric_median
+from .sae import SAEBank, StepOut, geometric_median
 from .schedules import lr_factor, sparsity_factor
 
 
@@ -83,21 +83,31 @@ def init_b_dec(bank: SAEBank, x_bd: torch.Tensor, how: str) -> None:
     bank.init_b_dec(center)
 
 
+def l1_coefs(bank: SAEBank, device) -> list[torch.Tensor]:
+    """Per group, each member's peak L1 coefficient (0 for TopK/BatchTopK members)."""
+    return [torch.tensor([c.l1 if c.arch == "relu" else 0.0 for c in g.cfgs], dtype=torch.float32, device=device)
+            for g in bank.groups]
+
+
+def compute_dtype(cfg: TrainConfig) -> torch.dtype:
+    """dtype of the training step's matrix products and latents (weights, Adam and losses stay fp32)."""
+    return torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+
+
 def train_step(bank: SAEBank, opt: BankAdam, x_bd: torch.Tensor, step: int, n_steps: int, cfg: TrainConfig,
-               peak: list[torch.Tensor]) -> StepStats:
-    """One optimizer step of every SAE on the normalized batch `x_bd` (this rank's share)."""
+               peak: list[torch.Tensor], l1s: list[torch.Tensor] | None = None) -> StepStats:
+    """One optimizer step of every SAE on the normalized batch `x_bd` (this rank's share).
+
+    `peak` (from `peak_lrs`) and `l1s` (from `l1_coefs`, built here when None) are per-group member
+    vectors made once per pass, so a step allocates no small tensors from Python lists."""
     _, world = _world()
     l1_f = sparsity_factor(step, cfg.l1_warmup_steps)
     lr_f = lr_factor(step, n_steps, cfg.warmup_steps, cfg.schedule, cfg.lr_min_frac)
-    with autocast_ctx(cfg):
-        outs: list[Output] = bank(x_bd, train=True)
-    losses = []
-    for g, o in zip(bank.groups, outs):
-        l1_coef = torch.tensor([c.l1 if c.arch == "relu" else 0.0 for c in g.cfgs], device=o.mse.device) * l1_f
-        losses.append(o.mse + l1_coef * o.l1 + o.aux)
-    loss_n = torch.cat(losses)
+    if l1s is None:
+        l1s = l1_coefs(bank, x_bd.device)
+    cd = compute_dtype(cfg)
     opt.zero_grad()
-    loss_n.sum().backward()
+    outs: list[StepOut] = [g.train_grads(x_bd, l1 * l1_f, cd) for g, l1 in zip(bank.groups, l1s)]
     if world > 1:
         grads = [p.grad for p in bank.parameters() if p.grad is not None]
         flat = torch.cat([gr.reshape(-1) for gr in grads])
@@ -120,13 +130,10 @@ def train_step(bank: SAEBank, opt: BankAdam, x_bd: torch.Tensor, step: int, n_st
                 fired = fired_f > 0
                 dist.all_reduce(kept_min, op=dist.ReduceOp.MIN)
             g.after_step(fired, x_bd.shape[0] * world, kept_min)
-    return StepStats(
-        loss_n.detach(),
-        torch.cat([o.mse for o in outs]).detach(),
-        torch.cat([o.l1 for o in outs]).detach(),
-        torch.cat([o.l0 for o in outs]),
-        torch.cat([o.aux for o in outs]).detach(),
-    )
+    if len(outs) == 1:
+        o = outs[0]
+        return StepStats(o.loss, o.mse, o.l1, o.l0, o.aux)
+    return StepStats(*(torch.cat(t) for t in zip(*(o[:5] for o in outs))))
 
 
 class MetricLogger:
@@ -199,6 +206,7 @@ def train_pass(
     bank = SAEBank(saes, cfg.fuse_encoders).to(device)
     opt = BankAdam(bank, cfg.adam_betas, cfg.adam_eps)
     peak = peak_lrs(bank, cfg, device)
+    l1s = l1_coefs(bank, device)
     step = 0
     ckpt = load_checkpoint(ckpt_fpath) if ckpt_fpath is not None else None
     if ckpt is not None:
@@ -232,7 +240,7 @@ def train_pass(
                 x = (x - mean_t) * scale
             if step == 0:
                 init_b_dec(bank, x, cfg.b_dec_init)
-            stats = train_step(bank, opt, x, step, n_steps, cfg, peak)
+            stats = train_step(bank, opt, x, step, n_steps, cfg, peak, l1s)
             step += 1
             rows_since += x.shape[0] * world
             acc = [a + s for a, s in zip(acc, stats)] if acc is not None else list(stats)
