@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Literal
 
 from saev_store.errors import UserError
@@ -144,6 +145,10 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "saes", tuple(self.saes))
+        if self.store is not None and "://" not in str(self.store):
+            # Recorded in run.json and every SAE's saev_extra.json: absolute, so `saev-tools topk RUN`
+            # finds the store from any working directory.
+            object.__setattr__(self, "store", os.path.abspath(self.store))
         if not self.saes:
             raise UserError("nothing to train: give at least one SAE (--width with --l1 or --k, or --sweep).")
         names = [s.name for s in self.saes]
