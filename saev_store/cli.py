@@ -107,7 +107,7 @@ def verify(store, quiet):
             click.echo(f"BAD {p}")
         click.echo(f"{store}: {len(problems)} problems. Rerun the record command (without --overwrite) to rewrite chunks not done; a corrupt done chunk needs --overwrite or a restored copy.", err=True)
         sys.exit(1)
-    click.echo(f"{store}: OK ({st.n_chunks} chunks, {len(st.hooks)} hooks, complete)")
+    click.echo(f"{store}: OK ({st.n_chunks} chunks, {len(st.hooks)} hook{'s' if len(st.hooks) != 1 else ''}, complete)")
 
 
 @main.command()
