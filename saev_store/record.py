@@ -190,7 +190,6 @@ def record(cfg: RecordConfig, on_progress: Callable[[int, int], None] | None = N
     mismatch with an existing store, unreadable image without --skip-bad, disk full).
     """
     from .datasets import create_dataset
-    from .datasets.torch_dataset import RecordDataset, collate
     from .models import create_model
 
     rank, world, barrier = _dist_state(cfg.device)
@@ -225,7 +224,7 @@ def record(cfg: RecordConfig, on_progress: Callable[[int, int], None] | None = N
     labels_all = src.labels()[:n_images]
     ids_all = src.image_ids()[:n_images]
     t0 = time.perf_counter()
-    n_written = _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all, RecordDataset, collate, on_progress)
+    n_written = _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all, on_progress)
     elapsed = time.perf_counter() - t0
     barrier()
     complete = False
@@ -273,8 +272,10 @@ def _create_or_resume(cfg: RecordConfig, specs, meta, n_images: int, rank: int, 
     return open_store(cfg.out, mode="r+")
 
 
-def _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all, RecordDataset, collate, on_progress):
+def _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all, on_progress):
     """The loop: load batches, run the model, assemble chunks, hand them to the writer."""
+    from .datasets.torch_dataset import RecordDataset, collate
+
     batches = _chunk_batches(st, chunks, cfg.batch_size)
     # Large JPEGs decode at a reduced scale that still covers the resize (libjpeg draft mode).
     max_side = pre.resize if pre.resize else max(pre.image_size)
