@@ -15,8 +15,8 @@ torch.set_num_threads(2)
 GRID = (4, 4)
 
 
-@pytest.mark.parametrize("block", [60, 7, 1])
-def test_accumulator_matches_bruteforce_on_any_blocking(block):
+@pytest.mark.parametrize("block,chunk", [(60, None), (60, 4), (7, 3), (1, None)])
+def test_accumulator_matches_bruteforce_on_any_blocking(block, chunk):
     # Quarter-integer latents with many exact ties (zeros and repeats) exercise the tie rule.
     rng = np.random.default_rng(block)
     n, t, n_lat, k = 60, 16, 30, 5
@@ -24,7 +24,7 @@ def test_accumulator_matches_bruteforce_on_any_blocking(block):
     images = np.sort(rng.choice(500, size=n, replace=False)).astype(np.int64)
     labels = rng.integers(-1, 4, size=n).astype(np.int32)
     o = oracle_stats(z, images, labels, k=k, tau=0.2, n_classes=4)
-    acc = LatentAccumulator(n_lat, t, k=k, tau=0.2, n_classes=4)
+    acc = LatentAccumulator(n_lat, t, k=k, tau=0.2, n_classes=4, chunk_images=chunk)
     parts = []
     for s in range(0, n, block):
         parts.append(acc.update(torch.from_numpy(z[s : s + block]), images[s : s + block], labels[s : s + block]))
@@ -131,3 +131,31 @@ def test_errors_are_user_errors(small_store, tmp_path):
     run_topk({"a": make_sae(8, 8)}, path, tmp_path / "q", quiet=True)
     assert not (tmp_path / "q.partial").exists() and (tmp_path / "q" / "index.json").is_file()
     assert HOOK in load_topk(tmp_path / "q").index["hook"]
+
+
+def test_pass_latents_are_bitwise_sae_encode(small_store, tmp_path):
+    # Random float weights (not dyadic): the pass's in-place chunked encoder must give exactly sae.encode's
+    # latents, so every statistic equals an accumulator fed sae.encode of all valid patches in one block.
+    path, x, labels, valid = small_store
+    g = torch.Generator().manual_seed(7)
+    w = {"W_enc": torch.randn(8, 48, generator=g), "W_dec": torch.randn(48, 8, generator=g), "b_enc": torch.randn(48, generator=g) - 1,
+         "b_dec": torch.randn(8, generator=g)}
+    from trainers.sae_io import SAE
+
+    sae = SAE({"architecture": "standard", "d_in": 8, "d_sae": 48}, w, {"hook": HOOK})
+    run_topk({"a": sae}, path, tmp_path / "out", k=5, tau=0.3, block_images=7, quiet=True)
+    xs = torch.from_numpy(x[valid][:, 1:17].reshape(-1, 8))
+    z = sae.encode(xs).reshape(-1, 16, 48)
+    acc = LatentAccumulator(48, 16, k=5, tau=0.3, n_classes=3, chunk_images=10_000)
+    images = np.nonzero(valid)[0]
+    ref_counts = acc.update(z, images, labels[valid])
+    ref, got = acc.result(), load_topk(tmp_path / "out").stats
+    for f in ("n_patches_active", "n_images_active", "max_act", "count_dataset", "count_class"):
+        np.testing.assert_array_equal(getattr(got, f), getattr(ref, f), err_msg=f)
+    np.testing.assert_allclose(got.sum_active, ref.sum_active, rtol=1e-12)
+    for r in ("max", "mean"):
+        for f in ("values", "images", "labels", "patches", "entropy"):
+            np.testing.assert_array_equal(getattr(got.top[r], f), getattr(ref.top[r], f), err_msg=f"{r} {f}")
+    counts = load_topk(tmp_path / "out").image_counts()
+    for f in counts._fields:
+        np.testing.assert_array_equal(getattr(counts, f), getattr(ref_counts, f))

@@ -111,12 +111,22 @@ class _RunningTopK:
         self.values = torch.zeros((k, d_sae), device=device)
         self.images = torch.full((k, d_sae), -1, dtype=torch.int64, device=device)
         self.labels = torch.full((k, d_sae), -1, dtype=torch.int32, device=device)
+        # An exemplar's patch values stay in the slot they were written to; `slots` says which slot holds each
+        # rank. A merge then writes the new entries' patches only, instead of shifting k * T values per latent.
         self.patches = torch.zeros((k, d_sae, n_patches), device=device)
+        self.slots = torch.arange(k, device=device)[:, None].repeat(1, d_sae)
 
     def update(self, score_nl: torch.Tensor, z_ntl: torch.Tensor, images_n: torch.Tensor, labels_n: torch.Tensor) -> None:
         """Merge one block. Its images must come after every image seen so far (ordered pass)."""
         k = self.k
-        cand = torch.cat([self.values, score_nl], dim=0)
+        # Only latents whose best score in the block beats their k-th value can change (a tie loses: the
+        # running entries are earlier images). After the first blocks these are few, so the merge below runs
+        # on a handful of columns instead of all L.
+        cols = (score_nl.amax(dim=0) > self.values[k - 1]).nonzero().squeeze(1)
+        if cols.numel() == 0:
+            return
+        run_v = self.values[:, cols]
+        cand = torch.cat([run_v, score_nl[:, cols]], dim=0)
         # One int64 key per candidate orders by score, then by candidate position: running entries (earlier
         # images, already in tie order) before the block's, the block's in image order. A float32 >= 0 orders
         # like its bit pattern, so the key is exact, and top-k over unique keys is deterministic (a stable
@@ -127,32 +137,33 @@ class _RunningTopK:
         from_run = order < k
         src_r = order.clamp(max=k - 1)
         src_b = (order - k).clamp(min=0)
-        self.values = cand.gather(0, order)
-        self.images = torch.where(from_run, self.images.gather(0, src_r), images_n[src_b])
-        self.labels = torch.where(from_run, self.labels.gather(0, src_r), labels_n[src_b])
-        # Patches move only for latents whose top-k took in a new image (few, once the pass has warmed up).
-        cols = (~from_run).any(dim=0).nonzero().squeeze(1)
-        if cols.numel() == 0:
-            return
-        t = self.patches.shape[2]
-        # Kept entries shift down within their latent's column; only the new entries are read from the block
-        # (a strided gather, so it is worth doing for those alone).
-        new_p = self.patches[:, cols].gather(0, src_r[:, cols, None].expand(-1, -1, t))
-        jj, cc = (~from_run[:, cols]).nonzero(as_tuple=True)
+        self.values[:, cols] = cand.gather(0, order)
+        self.images[:, cols] = torch.where(from_run, self.images[:, cols].gather(0, src_r), images_n[src_b])
+        self.labels[:, cols] = torch.where(from_run, self.labels[:, cols].gather(0, src_r), labels_n[src_b])
+        # Kept running entries are the best ranks of the column, so the evicted ones are its last n_new ranks:
+        # the column's j-th new entry takes the slot of rank k - n_new + j.
+        is_new = ~from_run
+        n_new = is_new.sum(dim=0)
+        free_r = (k - n_new)[None, :] + is_new.cumsum(dim=0) - 1
+        old_slots = self.slots[:, cols]
+        new_slots = torch.where(from_run, old_slots.gather(0, src_r), old_slots.gather(0, free_r.clamp(0, k - 1)))
+        self.slots[:, cols] = new_slots
+        jj, cc = is_new.nonzero(as_tuple=True)
         # z[b, :, l] for each new entry through flat offsets: indexing z[b, :, l] directly makes torch copy
         # all of z into (n, L, T) order first.
-        n, _, n_lat = z_ntl.shape
+        t = self.patches.shape[2]
+        n_lat = z_ntl.shape[2]
         lat = cols[cc]
-        base = src_b[:, cols][jj, cc] * (t * n_lat) + lat
+        base = src_b[jj, cc] * (t * n_lat) + lat
         offsets = base[:, None] + torch.arange(t, device=base.device) * n_lat
-        new_p[jj, cc] = z_ntl.reshape(-1)[offsets]
-        self.patches[:, cols] = new_p
+        self.patches[new_slots[jj, cc], lat] = z_ntl.reshape(-1)[offsets]
 
     def result(self) -> Exemplars:
         values = self.values.T.cpu().numpy().astype(np.float32)
         images = self.images.T.cpu().numpy()
         labels = self.labels.T.cpu().numpy()
-        patches = self.patches.permute(1, 0, 2).cpu().numpy()
+        lat = torch.arange(self.slots.shape[1], device=self.slots.device)
+        patches = self.patches[self.slots, lat].permute(1, 0, 2).cpu().numpy()
         empty = ~(values > 0)
         values = np.where(empty, 0.0, values).astype(np.float32)
         images = np.where(empty, -1, images)
@@ -184,17 +195,25 @@ def label_entropy(values_lk: np.ndarray, labels_lk: np.ndarray) -> np.ndarray:
     return out
 
 
+CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 512 << 20}
+"""Latents of one chunk (the images one step handles at once), per device type. On a CPU the chunk stays in
+the cache between the encoder writing it and the statistics reading it several times (8 MiB: measured
+faster than 8 or 32 MiB on a 32 MiB L3, fewer per-chunk top-k merges than smaller ones); on a GPU it only bounds the temporaries and the number of steps."""
+
+
 class Scratch:
-    """One reusable float32 buffer, grown on demand (block-sized masks without a fresh allocation per block)."""
+    """Reusable float32 buffers, one per slot, grown on demand: the chunk's latents and its 0/1 mask are written
+    into the same memory every chunk (a fresh tensor per chunk costs page faults and cache misses)."""
 
     def __init__(self):
-        self.buf: torch.Tensor | None = None
+        self.bufs: dict = {}
 
-    def get(self, shape, device) -> torch.Tensor:
+    def get(self, shape, device, slot: str = "mask") -> torch.Tensor:
         numel = math.prod(shape)
-        if self.buf is None or self.buf.numel() < numel or self.buf.device != torch.device(device):
-            self.buf = torch.empty(numel, device=device)
-        return self.buf[:numel].view(shape)
+        buf = self.bufs.get(slot)
+        if buf is None or buf.numel() < numel or buf.device != torch.device(device):
+            buf = self.bufs[slot] = torch.empty(numel, device=device)
+        return buf[:numel].view(shape)
 
 
 def _sparse_counts(count_nl: torch.Tensor, images: np.ndarray) -> ImageCounts:
@@ -212,15 +231,23 @@ def _sparse_counts(count_nl: torch.Tensor, images: np.ndarray) -> ImageCounts:
 
 
 class LatentAccumulator:
-    """Streams blocks of one SAE's latents (images in increasing order) into `LatentStats`."""
+    """Streams blocks of one SAE's latents (images in increasing order) into `LatentStats`.
 
-    def __init__(self, d_sae: int, n_patches: int, *, k: int = 16, tau: float = 0.2, n_classes: int = 0, device="cpu", scratch=None):
+    A block is handled in chunks of `chunk_images` images (by default about `CHUNK_BYTES` of latents): every
+    statistic and the top-k merge of a chunk read its latents while they are still in the cache, and
+    `update_encoded` never holds more than one chunk of latents."""
+
+    def __init__(self, d_sae: int, n_patches: int, *, k: int = 16, tau: float = 0.2, n_classes: int = 0, device="cpu", scratch=None,
+                 chunk_images: int | None = None):
         if k < 1:
             raise ValueError(f"k={k} must be at least 1.")
         if tau < 0:
             raise ValueError(f"tau={tau} must be >= 0 (a count threshold below 0 would count inactive patches).")
         self.d_sae, self.n_patches, self.k, self.tau, self.n_classes = d_sae, n_patches, k, float(tau), n_classes
         dev = self.device = torch.device(device)
+        if chunk_images is None:
+            chunk_images = CHUNK_BYTES.get(dev.type, CHUNK_BYTES["cuda"]) // (4 * n_patches * d_sae)
+        self.chunk_images = max(1, int(chunk_images))
         self.n_images = 0
         self.last_image = -1
         self.n_patches_active = torch.zeros(d_sae, dtype=torch.int64, device=dev)
@@ -231,11 +258,11 @@ class LatentAccumulator:
         self.count_class = torch.zeros((n_classes, d_sae), dtype=torch.int64, device=dev)
         self.top = {r: _RunningTopK(k, d_sae, n_patches, dev) for r in RANKINGS}
         self.scratch = scratch if scratch is not None else Scratch()
-        """Mask buffer; accumulators of one pass share one (they run one after another)."""
+        """Chunk buffers; accumulators of one pass share them (they run one after another)."""
 
     @staticmethod
     def bytes_needed(d_sae: int, n_patches: int, k: int, n_classes: int = 0) -> int:
-        """Memory the accumulator holds, whatever the number of images."""
+        """Memory the accumulator holds, whatever the number of images (the shared chunk buffers aside)."""
         per_rank = k * d_sae * (4 + 8 + 4 + 4 * n_patches)
         return len(RANKINGS) * per_rank + d_sae * (8 * 5 + 4) + n_classes * d_sae * 8
 
@@ -245,25 +272,52 @@ class LatentAccumulator:
         n, t, d_sae = z_ntl.shape
         if (t, d_sae) != (self.n_patches, self.d_sae):
             raise ValueError(f"latents of shape {tuple(z_ntl.shape)}; expected (n, {self.n_patches}, {self.d_sae}).")
+        z = z_ntl.to(self.device, torch.float32).contiguous()
+        return self._blocks(n, images, labels, lambda s, e: z[s:e])
+
+    @torch.no_grad()
+    def update_encoded(self, n: int, encode, images: np.ndarray, labels: np.ndarray) -> ImageCounts:
+        """Like `update`, for latents made chunk by chunk: `encode(i0, i1, out_ctl)` writes the latents of the
+        block's images i0..i1-1 into `out_ctl` (float32, contiguous, on this device), which is reused."""
+
+        def chunk(s: int, e: int) -> torch.Tensor:
+            out = self.scratch.get((e - s, self.n_patches, self.d_sae), self.device, slot="latents")
+            encode(s, e, out)
+            return out
+
+        return self._blocks(n, images, labels, chunk)
+
+    def _blocks(self, n: int, images, labels, chunk) -> ImageCounts:
         images = np.asarray(images, dtype=np.int64)
+        if len(images) != n:
+            raise ValueError(f"{len(images)} image indices for a block of {n} images.")
         if n and (images[0] <= self.last_image or np.any(np.diff(images) <= 0)):
             raise ValueError("blocks must hold images in strictly increasing order across the pass (the top-k tie rule depends on it).")
         if n == 0:
             return ImageCounts(np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32))
-        if self.n_images == 0 and bool((z_ntl.amin() < 0).item()):
-            raise ValueError("latents must be >= 0 (ReLU, TopK and JumpReLU SAEs give such latents); got negative values.")
-        self.last_image = int(images[-1])
-        self.n_images += n
-        z = z_ntl.to(self.device, torch.float32)
         images_t = torch.as_tensor(images, device=self.device)
         labels_t = torch.as_tensor(np.asarray(labels, dtype=np.int32), device=self.device)
+        parts = []
+        for s in range(0, n, self.chunk_images):
+            e = min(n, s + self.chunk_images)
+            z = chunk(s, e)
+            if self.n_images == 0 and s == 0 and bool((z.amin() < 0).item()):
+                raise ValueError("latents must be >= 0 (ReLU, TopK and JumpReLU SAEs give such latents); got negative values.")
+            parts.append(self._chunk(z, images[s:e], images_t[s:e], labels_t[s:e]))
+        self.last_image = int(images[-1])
+        self.n_images += n
+        if len(parts) == 1:
+            return parts[0]
+        return ImageCounts(*(np.concatenate([getattr(p, f) for p in parts]) for f in ImageCounts._fields))
 
-        # Every statistic comes from per-image reductions over the T patches; each costs about one read of z.
-        # The 0/1 masks go to a reused float32 buffer: a fresh block-sized tensor per mask costs more in page
-        # faults than the comparison, and float sums are exact here (counts <= T < 2**24).
+    def _chunk(self, z: torch.Tensor, images: np.ndarray, images_t: torch.Tensor, labels_t: torch.Tensor) -> ImageCounts:
+        """Every statistic of one chunk, each from per-image reductions over the T patches (one cached read of z
+        apiece). The 0/1 masks go to a reused float32 buffer: a fresh tensor per mask costs more in page faults
+        than the comparison, and float sums are exact here (counts <= T < 2**24)."""
+        t = z.shape[1]
         img_sum = z.sum(dim=1)
         img_max = z.amax(dim=1)
-        mask = self.scratch.get(z.shape, z.device)
+        mask = self.scratch.get(z.shape, z.device, slot="mask")
         torch.gt(z, 0, out=mask)
         n_active_nl = mask.sum(dim=1)
         torch.gt(z, self.tau, out=mask)
@@ -272,11 +326,14 @@ class LatentAccumulator:
         self.n_patches_active += n_active_nl.sum(dim=0, dtype=torch.float64).to(torch.int64)
         self.sum_active += img_sum.sum(dim=0, dtype=torch.float64)  # latents are >= 0: the sum of the values > 0
         self.n_images_active += (img_max > 0).sum(dim=0)
-        self.max_act = torch.maximum(self.max_act, img_max.amax(dim=0))
+        torch.maximum(self.max_act, img_max.amax(dim=0), out=self.max_act)
         self.count_dataset += count_nl.sum(dim=0, dtype=torch.int64)
-        labeled = (labels_t >= 0) & (labels_t < self.n_classes)
-        if self.n_classes and bool(labeled.any()):
-            self.count_class.index_add_(0, labels_t[labeled].long(), count_nl[labeled].long())
+        if self.n_classes:
+            labeled = (labels_t >= 0) & (labels_t < self.n_classes)
+            if bool(labeled.all()):
+                self.count_class.index_add_(0, labels_t.long(), count_nl.long())
+            elif bool(labeled.any()):
+                self.count_class.index_add_(0, labels_t[labeled].long(), count_nl[labeled].long())
 
         self.top["max"].update(img_max, z, images_t, labels_t)
         self.top["mean"].update(img_sum / t, z, images_t, labels_t)

@@ -147,6 +147,34 @@ def iter_image_blocks(store: Store, hook: str, block_images: int, image_mask: np
             yield block.acts, np.asarray(block.images, dtype=np.int64), np.asarray(block.labels, dtype=np.int32)
 
 
+def chunk_encoder(sae, x_md: torch.Tensor, n_patches: int):
+    """`encode(i0, i1, out_ctl)` for `LatentAccumulator.update_encoded`: `sae.encode` of the patches of images
+    i0..i1-1 of the block `x_md` (n * T rows), written into `out_ctl`.
+
+    A ReLU SAE is computed in place: the matmul writes straight into the reused chunk buffer and the bias and
+    ReLU follow in it while it is in the cache, instead of `encode`'s four fresh block-sized tensors
+    ((x - b_dec), the product, + b_enc, relu). Same operations on the same rows, so the latents are bitwise
+    `sae.encode`'s (tests/test_tools_stats.py checks it on random floats); a fused addmm would round
+    differently. Other architectures go through `sae.encode` on the chunk's rows."""
+    from trainers.sae_io import SAE
+
+    if isinstance(sae, SAE) and sae.architecture == "standard" and sae.W_enc.device == x_md.device:
+        xc_md = x_md - sae.b_dec  # once per block, shared by its chunks
+        w_dl, b_l = sae.W_enc, sae.b_enc
+
+        def encode(i0: int, i1: int, out_ctl: torch.Tensor) -> None:
+            out = out_ctl.view(-1, out_ctl.shape[-1])
+            torch.matmul(xc_md[i0 * n_patches : i1 * n_patches], w_dl, out=out)
+            out.add_(b_l).relu_()
+
+    else:
+
+        def encode(i0: int, i1: int, out_ctl: torch.Tensor) -> None:
+            out_ctl.copy_(sae.encode(x_md[i0 * n_patches : i1 * n_patches]).reshape(out_ctl.shape))
+
+    return encode
+
+
 def n_classes_of(store: Store) -> int:
     """Classes for the class-level counts: the store's class names, else the largest label + 1."""
     if store.class_names:
@@ -244,9 +272,7 @@ def run_topk(
                 n = acts_ntd.shape[0]
                 x = acts_ntd.to(device, torch.float32).reshape(n * n_patches, info.d)
                 for name, sae in saes.items():
-                    z = sae.encode(x).reshape(n, n_patches, sae.d_sae)
-                    writers[name].add(accs[name].update(z, images, labels))
-                    del z
+                    writers[name].add(accs[name].update_encoded(n, chunk_encoder(sae, x, n_patches), images, labels))
                 n_blocks += 1
                 bar.update(n)
                 bar.set_postfix_str(f"{bar.n * n_patches / max(1e-9, time.perf_counter() - t0):,.0f} patches/s", refresh=False)
