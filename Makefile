@@ -54,7 +54,7 @@ demo: setup data
 	@echo "report: $(DEMO)/run/topk/report/index.html"
 
 test: setup data browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 test-quick: setup data
 	$(PY) -m pytest -q -m "not slow"
