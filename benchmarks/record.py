@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -49,7 +50,7 @@ def bench_overlap(args, tmp_dpath: str) -> dict:
         overwrite=True,
     )
     # Warm-up: one small recording loads the weights and the kernels once for both measurements.
-    record(dataclass_replace(cfg, limit=min(args.batch_size, args.n_images), out=cfg.out + ".warm"))
+    record(dataclasses.replace(cfg, limit=min(args.batch_size, args.n_images), out=cfg.out + ".warm"))
 
     # Baseline: the same images, decoded beforehand, through the same model in the same batches.
     model = create_model(args.model, device=args.device)
@@ -86,12 +87,6 @@ def bench_overlap(args, tmp_dpath: str) -> dict:
         "images": res["images_written"],
         "hooks": hooks,
     }
-
-
-def dataclass_replace(cfg, **kw):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **kw)
 
 
 def res_images_per_chunk(warm_out: str, n_images: int) -> int:

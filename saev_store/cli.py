@@ -121,12 +121,13 @@ def hooks(model, weights, show_all):
 
     m = create_model(model, weights=weights, device="cpu")
     layer_hooks = {m.layer_hook(i): i for i in range(m.n_layers())}
-    names = list(m.hook_points()) if show_all else list(layer_hooks)
+    points = m.hook_points()
+    names = list(points) if show_all else list(layer_hooks)
     shapes = m.output_shapes(names)
     click.echo(f"{m.spec}: {m.n_layers()} layers; input {tuple(m.preprocess.image_size)}")
     for name in names:
         layer = f"--layer {layer_hooks[name]:<3}" if name in layer_hooks else " " * 11
-        click.echo(f"{layer} --hook {name:<40} {m.hook_points().get(name, ''):<28} {tuple(shapes.get(name, ()))}")
+        click.echo(f"{layer} --hook {name:<40} {points.get(name, ''):<28} {tuple(shapes.get(name, ()))}")
     if not show_all:
         click.echo("(--all lists every module)")
 

@@ -24,14 +24,6 @@ class Problem(NamedTuple):
         return f"{where}: {self.reason}"
 
 
-def _chunk_key_exists(st: Store, array_key: str, chunk: int, ndim: int) -> bool | None:
-    """Whether a chunk file exists (local stores); None when it cannot be told cheaply."""
-    if "://" in st.path:
-        return None
-    parts = [str(chunk)] + ["0"] * (ndim - 1)
-    return os.path.exists(os.path.join(st.path, array_key, "c", *parts))
-
-
 def verify(st: Store, progress=None) -> list[Problem]:
     """Read every chunk of every array; return the problems found (empty when the store is sound).
 
@@ -49,7 +41,8 @@ def verify(st: Store, progress=None) -> list[Problem]:
         start, stop = st.chunk_bounds(i)
         for key in per_image:
             arr = st.array(key)
-            if _chunk_key_exists(st, key, i, arr.ndim) is False:
+            fpath = st.array_chunk_fpath(key, i)
+            if fpath is not None and not os.path.exists(fpath):
                 problems.append(Problem(key, i, "chunk file is missing"))
                 continue
             try:

@@ -35,10 +35,6 @@ class Prefetcher:
         self._pool = cf.ThreadPoolExecutor(max_workers=n_readers, thread_name_prefix="saev-reader")
         self._out: set[Pending] = set()
 
-    @property
-    def pool_bytes(self) -> int:
-        return self.depth * self.reader.file_nbytes if self.reader.fast else 0
-
     def can_submit(self) -> bool:
         return bool(self._free)
 
