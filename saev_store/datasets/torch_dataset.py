@@ -56,6 +56,7 @@ class RecordDataset(torch.utils.data.Dataset):
             raise IndexError(f"RecordDataset: indices {bad[:5]} are outside the dataset's 0..{n - 1}.")
         self.max_side = max_side
         self.image_shape = None if image_shape is None else tuple(image_shape)
+        self._blank_like: tuple[tuple[int, ...], torch.dtype] | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -77,10 +78,13 @@ class RecordDataset(torch.utils.data.Dataset):
         return x if x.dtype == torch.uint8 else x.to(torch.float32)
 
     def _blank(self) -> torch.Tensor:
-        """Zeros standing in for an unreadable image, in the shape and dtype the transform gives."""
-        probe = self._apply(Image.new("RGB", (256, 256)))  # the transforms resize/crop to a fixed size
-        shape = probe.shape if self.image_shape is None else self.image_shape
-        return torch.zeros(shape, dtype=probe.dtype)
+        """Zeros standing in for an unreadable image, in the shape and dtype the transform gives
+        (probed once per process on a blank image: the transforms resize/crop to a fixed size)."""
+        if self._blank_like is None:
+            probe = self._apply(Image.new("RGB", (256, 256)))
+            self._blank_like = (probe.shape if self.image_shape is None else self.image_shape, probe.dtype)
+        shape, dtype = self._blank_like
+        return torch.zeros(shape, dtype=dtype)
 
 
 def collate(items: list[tuple[int, torch.Tensor, bool, str]]) -> RecordBatch:
