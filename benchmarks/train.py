@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 import tempfile
 import time
 
@@ -87,7 +86,6 @@ def gemm_seconds(saes, cfg: TrainConfig, device, n_iter: int) -> float:
 
 def store_passes(args, saes, tmp: pathlib.Path) -> tuple[float, float]:
     """Wall time of one nine-SAE pass and of nine one-SAE passes over the same store."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
     from saev_store.layout import TokenLayout
     from saev_store.store import HookSpec, create_store
     from trainers.run import run_training

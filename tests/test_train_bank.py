@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from trainers.config import SAEConfig, TrainConfig
-from trainers.constraints import renormalize_rows_
 from trainers.optim import BankAdam
 from trainers.sae import SAEBank
 from trainers.schedules import lr_factor, sparsity_factor

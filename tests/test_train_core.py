@@ -11,7 +11,7 @@ from saev_store.stats import Normalizer
 from trainers.config import SAEConfig, TrainConfig
 from trainers.export import export_sae
 from trainers.metrics import FVUAccumulator, SAEAccumulator
-from trainers.sae_io import load_run, load_sae, load_sparsity
+from trainers.sae_io import load_run, load_sparsity
 from trainers.sweep import expand, from_toml, parse_width
 from trainers.train import train_pass
 

@@ -1,7 +1,6 @@
 """Data parallel: two gloo processes, each on half of every batch, take the same steps as one process
 on the whole batches (gradients, dead-latent counters and the b_dec init are reduced across ranks)."""
 
-import os
 
 import numpy as np
 import pytest

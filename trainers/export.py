@@ -11,6 +11,7 @@ provenance and metrics go to `saev_extra.json`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -99,7 +100,7 @@ def export_sae(
         "hook": hook,
         "tokens": tokens,
         "arch": cfg.arch,
-        "sae": {k: v for k, v in cfg.__dict__.items()},
+        "sae": dataclasses.asdict(cfg),
         "normalizer": norm.to_dict(),
         "latent_scale": float(norm.scale),
         "metrics": metrics or {},

@@ -87,23 +87,10 @@ def _open_run_dir(cfg: TrainConfig, resume: bool) -> dict:
 def _eval_rows(store, cfg: TrainConfig, mask_n: np.ndarray) -> Iterator[torch.Tensor]:
     from saev_store.loaders import OrderedLoader
 
-    with _closing(OrderedLoader(store, cfg.hook, tokens=cfg.tokens, normalize=False, image_mask=mask_n)) as loader:
+    with OrderedLoader(store, cfg.hook, tokens=cfg.tokens, normalize=False, image_mask=mask_n) as loader:
         for block in loader:
             acts = block.acts
             yield acts.reshape(-1, acts.shape[-1])
-
-
-class _closing:
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __enter__(self):
-        return self.obj
-
-    def __exit__(self, *exc):
-        close = getattr(self.obj, "close", None)
-        if close is not None:
-            close()
 
 
 @torch.no_grad()
@@ -205,7 +192,8 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> list[dict]:
         dist.barrier()
     logger = MetricLogger(out, enabled=rank == 0)
     bs = cfg.batch_size // world
-    model_name = (store.attrs.get("model") or {}).get("name") if isinstance(store.attrs.get("model"), dict) else None
+    model = store.attrs.get("model")
+    model_name = model.get("name") if isinstance(model, dict) else None
     rows: list[dict] = []
     try:
         for j, saes in enumerate(cfg.passes()):
@@ -221,7 +209,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> list[dict]:
             loader = ShuffledLoader(store, cfg.hook, batch_size=bs, tokens=cfg.tokens, normalize=False, seed=cfg.seed,
                                     n_epochs=cfg.n_epochs, n_rows=n_rows, buffer_mb=cfg.buffer_mb, n_readers=cfg.n_readers,
                                     rank=rank, world_size=world, image_mask=train_mask, drop_last=True)
-            with _closing(loader):
+            with loader:
                 if cfg.n_patches is None:
                     n_steps = loader.n_batches  # equal on every rank (the loader's contract)
                 if n_steps < 1:

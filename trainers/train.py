@@ -130,10 +130,10 @@ def train_step(bank: SAEBank, opt: BankAdam, x_bd: torch.Tensor, step: int, n_st
                 fired = fired_f > 0
                 dist.all_reduce(kept_min, op=dist.ReduceOp.MIN)
             g.after_step(fired, x_bd.shape[0] * world, kept_min)
+    # By field name, not position: StepStats is a subset of StepOut's fields.
     if len(outs) == 1:
-        o = outs[0]
-        return StepStats(o.loss, o.mse, o.l1, o.l0, o.aux)
-    return StepStats(*(torch.cat(t) for t in zip(*(o[:5] for o in outs))))
+        return StepStats(*(getattr(outs[0], f) for f in StepStats._fields))
+    return StepStats(*(torch.cat([getattr(o, f) for o in outs]) for f in StepStats._fields))
 
 
 class MetricLogger:
