@@ -49,23 +49,32 @@ def pick_latents(stats: LatentStats, n: int) -> list[int]:
     return sorted(int(i) for i in by_freq[pos])
 
 
-def exemplar_grid(
-    data: TopkData, latent: int, ranking: str, reader: ImageReader, *, n_cols: int = 4, tile_px: int | None = None, alpha: float = 0.6
-) -> Image.Image:
+class GridStyle(NamedTuple):
+    """How exemplar grids are drawn (`render` and `build_report` take the same three options)."""
+
+    n_cols: int = 4
+    """Tiles per grid row."""
+    tile_px: int | None = None
+    """Longer side of a tile; None: the model's image size, clipped to 96..160."""
+    alpha: float = 0.6
+    """Heatmap opacity at the largest shown patch value."""
+
+
+def exemplar_grid(data: TopkData, latent: int, ranking: str, reader: ImageReader, style: GridStyle = GridStyle()) -> Image.Image:
     """A latent's exemplars under one ranking, each with its patch values as a heatmap (shared colour scale:
     the largest patch value among the shown exemplars)."""
     ex = data.stats.top[ranking]
     filled = np.nonzero(ex.images[latent] >= 0)[0]
     size_hw = reader.size_hw or (DEFAULT_TILE_PX, DEFAULT_TILE_PX)
-    tile_px = tile_px or int(np.clip(max(size_hw), 96, 160))  # tiny images are enlarged so a patch is visible
+    tile_px = style.tile_px or int(np.clip(max(size_hw), 96, 160))  # tiny images are enlarged so a patch is visible
     vmax = float(ex.patches[latent, filled].max()) if filled.size else 1.0
     tiles = [
-        fit_tile(heatmap_tile(reader.get(int(ex.images[latent, j])), ex.patches[latent, j], data.grid, vmax, size_hw=size_hw, alpha=alpha), tile_px)
+        fit_tile(heatmap_tile(reader.get(int(ex.images[latent, j])), ex.patches[latent, j], data.grid, vmax, size_hw=size_hw, alpha=style.alpha), tile_px)
         for j in filled
     ]
     if not tiles:  # a latent that never fired: one grey tile says so rather than an empty file
         tiles = [Image.new("RGB", (tile_px, tile_px), (200, 200, 200))]
-    return grid_image(tiles, n_cols)
+    return grid_image(tiles, style.n_cols)
 
 
 def _figure(w_in: float = 5.0, h_in: float = 3.6):
@@ -146,12 +155,13 @@ def render(
     if reader.warning:  # shown even with quiet: grey tiles need explaining
         print(f"warning: {reader.warning}", file=sys.stderr)
 
+    style = GridStyle(n_cols, tile_px, alpha)
     grids: dict = {}
     for i in tqdm(latents, desc="render", unit="latent", disable=quiet):
         grids[i] = {}
         for r in rankings:
             fpath = out / f"latent_{i}_{r}.png"
-            exemplar_grid(data, i, r, reader, n_cols=n_cols, tile_px=tile_px, alpha=alpha).save(fpath)
+            exemplar_grid(data, i, r, reader, style).save(fpath)
             grids[i][r] = str(fpath)
     scatter_fpath, hist_fpath = out / "scatter.png", out / "freq_hist.png"
     plot_scatter(stats, scatter_fpath)

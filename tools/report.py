@@ -34,7 +34,8 @@ import numpy as np
 from saev_store.errors import UserError
 
 from .accumulate import RANKINGS
-from .render import exemplar_grid, pick_latents, plot_freq_hist, plot_scatter, reader_for
+from .images import ImageReader
+from .render import GridStyle, exemplar_grid, pick_latents, plot_freq_hist, plot_scatter, reader_for
 from .topk import TopkData, list_saes, load_topk
 
 ASSETS = ("report.css", "report.js")
@@ -112,22 +113,24 @@ def build_report(
         src = importlib.resources.files("tools").joinpath("templates", a)
         (out / "assets" / a).write_bytes(src.read_bytes())
 
-    pages, rows, warning = {}, [], None
+    style = GridStyle(n_cols, tile_px, alpha)
+    pages, rows, index, reader, image_ids = {}, [], None, None, None
     for name in names:
         data = load_topk(topk_dpath, name)
-        pages[name], w = _build_sae(data, out / name, latents, max_pages, n_cols, tile_px, alpha, data_root, quiet)
-        warning = warning or w
+        if reader is None:  # the folder's SAEs share one store: open it and its dataset (fingerprint, image cache) once
+            index, reader, image_ids = data.index, reader_for(data, data_root=data_root), _image_ids(data)
+        pages[name] = _build_sae(data, out / name, latents, max_pages, reader, image_ids, style, quiet)
         s = data.stats
         alive = s.n_patches_active > 0
         rows.append(
             f"<tr><td><a href=\"{urllib.parse.quote(name)}/index.html\">{_e(name)}</a></td><td>{s.n_patches_active.size}</td>"
             f"<td>{int(alive.sum())}</td><td>{(np.median(s.freq_patch[alive]) if alive.any() else 0):.3g}</td><td>{len(pages[name])}</td></tr>"
         )
-    first = load_topk(topk_dpath, names[0]).index
+    warning = reader.warning
     body = (
         "<h1>saev-tools report</h1>"
-        f"<p class=\"meta\">store {_e(first['store'])}, hook {_e(first['hook'])}, {first['n_images']} images, "
-        f"{first['n_patches']} patches per image, k={first['k']}, tau={first['tau']}</p>"
+        f"<p class=\"meta\">store {_e(index['store'])}, hook {_e(index['hook'])}, {index['n_images']} images, "
+        f"{index['n_patches']} patches per image, k={index['k']}, tau={index['tau']}</p>"
         + (f"<p class=\"warning\">{_e(warning)}</p>" if warning else "")
         + "<table><thead><tr><th>SAE</th><th>latents</th><th>fire</th><th>median freq</th><th>pages</th></tr></thead><tbody>"
         + "".join(rows)
@@ -140,7 +143,10 @@ def build_report(
     return ReportResult(str(index_fpath), pages, warning)
 
 
-def _build_sae(data: TopkData, out: pathlib.Path, latents, max_pages, n_cols, tile_px, alpha, data_root, quiet):
+def _build_sae(
+    data: TopkData, out: pathlib.Path, latents, max_pages: int, reader: ImageReader, image_ids: list[str] | None, style: GridStyle, quiet: bool
+) -> list[int]:
+    """One SAE's folder of the report; returns the latents that got a page."""
     from tqdm.auto import tqdm
 
     s = data.stats
@@ -158,17 +164,15 @@ def _build_sae(data: TopkData, out: pathlib.Path, latents, max_pages, n_cols, ti
     (out / "latents").mkdir()
     plot_scatter(s, out / "images" / "scatter.png")
     plot_freq_hist(s, out / "images" / "freq_hist.png")
-    reader = reader_for(data, data_root=data_root)
-    image_ids = _image_ids(data)
     chosen_set = set(chosen)
     for j, i in enumerate(tqdm(chosen, desc=f"report {data.name}", unit="latent", disable=quiet)):
         for r in RANKINGS:
-            exemplar_grid(data, i, r, reader, n_cols=n_cols, tile_px=tile_px, alpha=alpha).save(out / "images" / f"latent_{i}_{r}.png")
+            exemplar_grid(data, i, r, reader, style).save(out / "images" / f"latent_{i}_{r}.png")
         prev_i = chosen[j - 1] if j > 0 else None
         next_i = chosen[j + 1] if j + 1 < len(chosen) else None
         (out / "latents" / f"{i}.html").write_text(_latent_page(data, i, image_ids, prev_i, next_i, reader.warning))
     (out / "index.html").write_text(_sae_index(data, chosen_set, reader.warning))
-    return chosen, reader.warning
+    return chosen
 
 
 def _image_ids(data: TopkData) -> list[str] | None:
@@ -182,15 +186,16 @@ def _image_ids(data: TopkData) -> list[str] | None:
 
 def _sae_index(data: TopkData, with_page: set, warning: str | None) -> str:
     s, ix = data.stats, data.index
-    values = [(key, get(s)) for key, _, _, get, _ in _COLUMNS]
+    # Each column once: freq and mean are properties that compute the whole (L,) vector on every access.
+    values = [(key, get(s), fmt) for key, _, _, get, fmt in _COLUMNS]
     head = "<th data-key=\"latent\" title=\"latent index\">latent</th>" + "".join(
         f"<th data-key=\"{key}\" title=\"{_e(desc)}\">{_e(label)}</th>" for key, label, desc, _, _ in _COLUMNS
     )
     body_rows = []
     for i in range(s.n_patches_active.size):
-        attrs = f" data-latent=\"{i}\" data-page=\"{int(i in with_page)}\"" + "".join(f" data-{key}=\"{_data_value(v[i])}\"" for key, v in values)
+        attrs = f" data-latent=\"{i}\" data-page=\"{int(i in with_page)}\"" + "".join(f" data-{key}=\"{_data_value(v[i])}\"" for key, v, _ in values)
         first = f"<td><a href=\"latents/{i}.html\">{i}</a></td>" if i in with_page else f"<td class=\"nopage\">{i}</td>"
-        cells = "".join(f"<td>{_fmt(fmt, get(s)[i])}</td>" for _, _, _, get, fmt in _COLUMNS)
+        cells = "".join(f"<td>{_fmt(fmt, v[i])}</td>" for _, v, fmt in values)
         body_rows.append(f"<tr{attrs}>{first}{cells}</tr>")
 
     def bounds(key, label):
