@@ -126,10 +126,12 @@ def _common(saes: Mapping, attr: str, given):
 
 # ---- the pass ----------------------------------------------------------------------------------------
 def plan_block_images(n_patches: int, d: int, d_sae_max: int, memory_mb: float) -> int:
-    """Images per block so one block's activations and the widest SAE's latents fit in `memory_mb`.
+    """Images per block under `memory_mb`, budgeting per image T*d*4 bytes of activations plus 16*T*L.
 
-    Per image: T*d*4 bytes of activations, and for the SAE being processed its latents T*L*4 plus the
-    encoder's temporaries (pre-activations) and the statistics' mask buffer: about 4x the latents.
+    The 16*T*L term is conservative since the pass encodes in fixed-size chunks (CHUNK_BYTES of latents,
+    reused), so a block no longer holds its latents; the pass really holds about 12*T*d per image
+    (chunks being assembled, the block, its centered copy). Kept until the budget is re-measured:
+    changing it changes block counts, memory and the benchmark figures.
     """
     per_image = n_patches * (4 * d + 16 * d_sae_max)
     return max(1, int(memory_mb * (1 << 20)) // per_image)
