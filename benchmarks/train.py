@@ -10,12 +10,15 @@
 (b) one nine-SAE pass against nine one-SAE passes over the same (synthetic, on-disk) store, whole
     wall time including reading, evaluation and export, with the store's pages evicted while it
     runs (--warm keeps them cached).  [skipped with --no-store]
-(c) patches/s of the nine-SAE step, and the projected time for 100M patches.
+(c) patches/s of the fastest nine-SAE step (eager or torch.compile'd element-wise stages, see
+    trainers/fused.py), and the projected time for 100M patches.
+--profile prints that step's kernels by device time.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import tempfile
 import time
@@ -24,10 +27,9 @@ import numpy as np
 import torch
 
 from trainers.config import TrainConfig
-from trainers.optim import BankAdam
 from trainers.sae import SAEBank
 from trainers.sweep import expand
-from trainers.train import autocast_ctx, l1_coefs, peak_lrs, set_precision, train_step
+from trainers.train import autocast_ctx, l1_coefs, make_optimizer, peak_lrs, set_precision, train_step
 
 
 def _sync(device):
@@ -46,9 +48,10 @@ def _time(fn, device, n_iter: int, n_warm: int = 2) -> float:
     return (time.perf_counter() - t0) / n_iter
 
 
-def step_seconds(saes, cfg: TrainConfig, device, n_iter: int) -> float:
+def step_fn(saes, cfg: TrainConfig, device):
+    """A closure running one training step of a fresh bank on a fixed random batch."""
     bank = SAEBank(saes, cfg.fuse_encoders).to(device)
-    opt = BankAdam(bank, cfg.adam_betas, cfg.adam_eps)
+    opt = make_optimizer(bank, cfg)
     peak, l1s = peak_lrs(bank, cfg, device), l1_coefs(bank, device)
     x = torch.randn(cfg.batch_size, cfg.d_in, device=device)
     state = {"step": 0}
@@ -57,7 +60,46 @@ def step_seconds(saes, cfg: TrainConfig, device, n_iter: int) -> float:
         train_step(bank, opt, x, state["step"], 10**9, cfg, peak, l1s)
         state["step"] += 1
 
-    return _time(one, device, n_iter)
+    return one
+
+
+def step_seconds(saes, cfg: TrainConfig, device, n_iter: int) -> float:
+    return _time(step_fn(saes, cfg, device), device, n_iter, n_warm=3)
+
+
+def profile_steps(saes, cfg: TrainConfig, device, n_rows: int = 25) -> str:
+    """torch.profiler's table of the device time per kernel over 3 steps (after 3 warm-up steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    one = step_fn(saes, cfg, device)
+    for _ in range(3):
+        one()
+    _sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            one()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=n_rows, max_name_column_width=60)
+
+
+def check_compiled(saes, cfg: TrainConfig, device, n_steps: int = 3) -> float:
+    """Train two banks from the same start on the same batches, with eager and with compiled stages;
+    returns the largest relative difference ||a - b|| / ||a|| over their parameters (the compiled
+    stages round in other places, so it is not 0 in bf16; a wrong kernel gives ~1)."""
+    banks = []
+    for comp in ("off", "on"):
+        torch.manual_seed(0)
+        vcfg = dataclasses.replace(cfg, compile=comp)
+        bank = SAEBank(saes, cfg.fuse_encoders).to(device)
+        opt = make_optimizer(bank, vcfg)
+        peak, l1s = peak_lrs(bank, vcfg, device), l1_coefs(bank, device)
+        for step in range(n_steps):
+            train_step(bank, opt, torch.randn(cfg.batch_size, cfg.d_in, device=device), step, 10**9, vcfg, peak, l1s)
+        banks.append(dict(bank.named_parameters()))
+        del bank, opt
+    return max(float((banks[0][k] - banks[1][k]).norm() / banks[0][k].norm()) for k in banks[0])
 
 
 def gemm_seconds(saes, cfg: TrainConfig, device, n_iter: int) -> float:
@@ -133,6 +175,9 @@ def main(argv=None):
     p.add_argument("--store-patches", type=int, default=8192)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--warm", action="store_true", help="(b) with the store in the page cache")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="also time the step with torch.compile'd element-wise stages (auto: on CUDA; CUDA only)")
+    p.add_argument("--profile", action="store_true", help="print the kernels of the fastest step by device time")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,15 +198,26 @@ def main(argv=None):
     flops = 10 * args.batch_size * args.d * sum(c.d_sae for c in saes)
     t_gemm = gemm_seconds(saes, cfg, device, n_iter)
     print(f"(a) plain GEMMs of the step's shapes: {t_gemm * 1e3:8.1f} ms  {flops / t_gemm / 1e9:8.1f} GFLOP/s")
-    best = None
-    for fuse in (True, False):
-        t = step_seconds(saes, TrainConfig(**base, fuse_encoders=fuse), device, n_iter)
-        label = "fused encoder GEMM" if fuse else "bmm encoders      "
+    variants = [(True, "off"), (False, "off")]
+    if args.compile == "on" or (args.compile == "auto" and cuda):  # TrainConfig refuses "on" off CUDA
+        variants.insert(1, (True, "on"))
+    if any(comp == "on" for _, comp in variants):
+        err = check_compiled(saes, TrainConfig(**base), device)
+        print(f"    compiled vs eager stages after 3 steps: largest relative parameter difference {err:.1e}"
+              f"{'' if err < 2e-2 else '  <-- TOO LARGE: the compiled stages are wrong here'}", flush=True)
+    best, best_cfg = None, None
+    for fuse, comp in variants:
+        vcfg = TrainConfig(**base, fuse_encoders=fuse, compile=comp)
+        t = step_seconds(saes, vcfg, device, n_iter)
+        label = ("fused encoder GEMM" if fuse else "bmm encoders      ") + (", compiled stages" if comp == "on" else ", eager stages   ")
         print(f"    training step, {label}: {t * 1e3:8.1f} ms  {flops / t / 1e9:8.1f} GFLOP/s  "
-              f"ratio to plain GEMMs {t_gemm / t:.2f}")
-        best = min(best or t, t)
+              f"ratio to plain GEMMs {t_gemm / t:.2f}", flush=True)
+        if best is None or t < best:
+            best, best_cfg = t, vcfg
     pps = args.batch_size / best
     print(f"(c) {pps:,.0f} patches/s for {len(saes)} SAEs; 100M patches would take {1e8 / pps / 60:.1f} min")
+    if args.profile:
+        print(profile_steps(saes, best_cfg, device))
     if not args.no_store:
         with tempfile.TemporaryDirectory() as tmp:
             one, nine = store_passes(args, saes, pathlib.Path(tmp))

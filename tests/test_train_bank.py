@@ -133,7 +133,7 @@ def test_bank_equals_one_at_a_time(fuse, chunk_bytes, monkeypatch):
 def test_decoder_unit_norm_and_update_tangent(monkeypatch):
     """After every step the decoder rows have unit norm; the step applied before renormalizing has no
     component along the rows it started from (checked in float64 by brute force)."""
-    import trainers.train as train_mod
+    import trainers.fused as fused_mod
 
     d_in, B = 6, 16
     saes = [SAEConfig("a", d_in, 12, "relu", l1=1.0, lr=1e-2, seed=1), SAEConfig("b", d_in, 20, "topk", k=3, lr=1e-2, seed=2)]
@@ -142,13 +142,13 @@ def test_decoder_unit_norm_and_update_tangent(monkeypatch):
     opt = BankAdam(bank)
     peak = peak_lrs(bank, cfg, "cpu")
     seen = []
-    real = train_mod.renormalize_rows_
+    real = fused_mod.renormalize_rows_
 
     def spy(w):
         seen.append(w.detach().double().clone())
         return real(w)
 
-    monkeypatch.setattr(train_mod, "renormalize_rows_", spy)
+    monkeypatch.setattr(fused_mod, "renormalize_rows_", spy)
     gen = torch.Generator().manual_seed(3)
     for step in range(5):
         before = [g.W_dec.detach().double().clone() for g in bank.groups]

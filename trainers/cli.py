@@ -68,6 +68,8 @@ def _init_distributed(device: str) -> str:
 @click.option("--log-every", default=50, show_default=True, type=int)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "tf32", "bf16"]))
+@click.option("--compile", "compile_", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
+              help="Fuse the step's element-wise stages and Adam with torch.compile (auto: on CUDA only).")
 @click.option("--buffer-mb", default=512, show_default=True, type=int, help="Loader shuffle buffer.")
 @click.option("--n-readers", default=2, show_default=True, type=int, help="Loader chunk readers in flight.")
 @click.option("--out", "out_dpath", default=None, help="Run directory [default: runs/<store name>-<hook>].")
@@ -76,8 +78,8 @@ def _init_distributed(device: str) -> str:
 @_user_errors
 def main(store, hook, tokens, width, arch, l1, k, lr, sweep_fpath, parallel, batch_size, n_patches, n_epochs, warmup_steps,
          schedule, lr_min_frac, l1_warmup_steps, scale_lr_with_width, b_dec_init, aux_coef, dead_after, normalize,
-         fuse_encoders, held_out, max_eval_images, seed, ckpt_every, log_every, device, precision, buffer_mb, n_readers,
-         out_dpath, resume, quiet):
+         fuse_encoders, held_out, max_eval_images, seed, ckpt_every, log_every, device, precision, compile_, buffer_mb,
+         n_readers, out_dpath, resume, quiet):
     """Train sparse autoencoders on one hook of STORE, several per pass over the data.
 
     The SAEs are the product of --width, --l1 (relu) or --k (topk/batchtopk) and --lr, or the entries of
@@ -118,7 +120,7 @@ def main(store, hook, tokens, width, arch, l1, k, lr, sweep_fpath, parallel, bat
         lr_min_frac=lr_min_frac, l1_warmup_steps=l1_warmup_steps, scale_lr_with_width=scale_lr_with_width,
         b_dec_init=b_dec_init, seed=seed, parallel=parallel, fuse_encoders=fuse_encoders, ckpt_every=ckpt_every,
         log_every=log_every, held_out_frac=held_out, max_eval_images=max_eval_images, device=device,
-        precision=precision, buffer_mb=buffer_mb, n_readers=n_readers, quiet=quiet,
+        precision=precision, compile=compile_, buffer_mb=buffer_mb, n_readers=n_readers, quiet=quiet,
     )
     n_pass = len(cfg.passes())
     click.echo(f"training {len(saes)} SAEs on {store} [{hook}, {tokens}, d={d_in}] in {n_pass} pass(es) -> {out_dpath}",

@@ -136,6 +136,9 @@ class TrainConfig:
     """Torch device: cpu, cuda, cuda:1 ..."""
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"
     """fp32 (default, exact); tf32 (TF32 matmuls on GPU); bf16 (bf16 autocast on GPU, fp32 master weights)."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """Fuse the step's element-wise stages and Adam with torch.compile (trainers/fused.py). auto: on a
+    CUDA device; a CPU runs them eagerly from cache ("on" is refused there, see fused.stages)."""
     buffer_mb: int = 512
     """Shuffle buffer of the loader, MiB."""
     n_readers: int = 2
@@ -168,6 +171,11 @@ class TrainConfig:
             raise UserError(f"b_dec init {self.b_dec_init!r} is unknown; choose mean, median or zeros.")
         if self.precision not in ("fp32", "tf32", "bf16"):
             raise UserError(f"precision {self.precision!r} is unknown; choose fp32, tf32 or bf16.")
+        if self.compile not in ("auto", "on", "off"):
+            raise UserError(f"compile {self.compile!r} is unknown; choose auto, on or off.")
+        if self.compile == "on" and not self.device.startswith("cuda"):
+            raise UserError(f"--compile on needs a CUDA device (PyTorch's CPU code generator cannot compile the "
+                            f"decoder update, and the eager stages already run from cache on {self.device}); use auto or off.")
         if self.precision != "fp32" and not self.device.startswith("cuda"):
             raise UserError(f"--precision {self.precision} needs a CUDA device; use fp32 on {self.device}.")
         if not 0.0 <= self.held_out_frac < 1.0:

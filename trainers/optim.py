@@ -3,7 +3,8 @@
 `torch.optim.Adam` has one learning rate per parameter tensor, but a group stacks several SAEs into
 each tensor. This is the same update as PyTorch's single-tensor Adam (bias-corrected moments,
 `p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`), with `lr` a per-member vector broadcast along the
-member axis, and the decoder update projected onto the tangent of its unit-norm rows.
+member axis; the decoder's rows are kept unit-norm by the update itself (`fused.adam_decoder_`:
+gradient and update projected onto the rows' tangent, rows renormalized after the step).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 
 import torch
 
-from .constraints import remove_parallel_
+from .fused import EAGER, Stages
 from .sae import SAEBank
 
 MEMBER_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": 0}
@@ -23,15 +24,16 @@ ROW_AXIS = {"W_enc": 0, "b_enc": 1, "W_dec": 1, "b_dec": 1}
 """An axis of each group parameter that is neither the member axis nor the decoder's row (last) axis:
 the CPU update runs in slices along it."""
 CPU_SLICE_BYTES = 1 << 20
-"""On a CPU the update walks each parameter in slices of about this size, so the six passes over a
-slice (parameter, gradient, two moments, scratch: 5 MiB) run from cache; a whole stacked W_enc of a
+"""On a CPU the update walks each parameter in slices of about this size, so the passes over a
+slice (parameter, gradient, two moments, a temporary: 5 MiB) run from cache; a whole stacked W_enc of a
 nine-SAE bank is 35 MB per tensor and would stream from memory on every pass."""
 
 
-def _row_chunks(p: torch.Tensor, axis: int) -> list[tuple[slice, ...]]:
-    """Index tuples cutting `p` along `axis` into CPU_SLICE_BYTES pieces (one piece off the CPU)."""
+def _row_chunks(p: torch.Tensor, axis: int, whole: bool) -> list[tuple[slice, ...]]:
+    """Index tuples cutting `p` along `axis` into CPU_SLICE_BYTES pieces (one piece off the CPU or
+    when `whole`)."""
     n = p.shape[axis]
-    if p.device.type != "cpu":
+    if p.device.type != "cpu" or whole:
         return [(slice(None),)]
     per_row = max(1, p.numel() // max(n, 1) * p.element_size())
     step = max(1, CPU_SLICE_BYTES // per_row)
@@ -47,24 +49,25 @@ def _lr_view(lr_n: torch.Tensor, p: torch.Tensor, axis: int) -> torch.Tensor:
 class BankAdam:
     """Adam over every group of an `SAEBank`; state is plain tensors so checkpoints are exact."""
 
-    def __init__(self, bank: SAEBank, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, bank: SAEBank, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 stages: Stages = EAGER):
         self.bank = bank
+        self.stages = stages
+        """Element-wise update functions, eager or compiled (`fused.stages`)."""
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = float(eps)
         self.n_steps = 0
         self.state = [
             {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in g.named_parameters()} for g in bank.groups
         ]
-        self._bufs: dict = {}
 
     @torch.no_grad()
     def step(self, lrs: list[torch.Tensor]) -> None:
         """One update; `lrs[g]` is the (n,) learning-rate vector of group g (this step's values).
 
-        Per parameter (slice, on a CPU) six element-wise passes: the two moments, sqrt(v), the denominator scaled by
-        the member's step size (one addcmul), and one addcdiv applying m / denominator; the decoder
-        instead forms the update in the scratch buffer, projects it and subtracts it. `sqrt(v) / c +
-        eps` with c = sqrt(1 - beta2^t) is rewritten (sqrt(v) + eps c) / c so c folds into the step."""
+        Every parameter goes through `fused.adam_` (the decoder through `fused.adam_decoder_`, which
+        also keeps its rows unit-norm), on a CPU slice by slice. `sqrt(v) / c + eps` with
+        c = sqrt(1 - beta2^t) is rewritten (sqrt(v) + eps c) / c so c folds into the step size."""
         self.n_steps += 1
         b1, b2 = self.betas
         bc1 = 1 - b1**self.n_steps
@@ -78,27 +81,9 @@ class BankAdam:
                 m_all, v_all = state[name]
                 inv = _lr_view(inv_n.to(p), p, MEMBER_AXIS[name])
                 inv_eps = inv * (self.eps * bc2_sqrt)
-                for sl in _row_chunks(p, ROW_AXIS[name]):
-                    pc, grad, m, v = p.data[sl], p.grad[sl], m_all[sl], v_all[sl]
-                    m.lerp_(grad, 1 - b1)
-                    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                    denom = torch.sqrt(v, out=self._scratch(pc))
-                    torch.addcmul(inv_eps, denom, inv, out=denom)
-                    if name == "W_dec":
-                        # Adam's per-element scaling of a tangent gradient is not tangent: project the update.
-                        update = torch.div(m, denom, out=denom)
-                        remove_parallel_(update, pc)
-                        pc.sub_(update)
-                    else:
-                        pc.addcdiv_(m, denom, value=-1.0)
-
-    def _scratch(self, p: torch.Tensor) -> torch.Tensor:
-        """A reusable buffer shaped like `p` (one per shape; the largest are GBs on a GPU)."""
-        key = (tuple(p.shape), p.dtype, p.device)
-        buf = self._bufs.get(key)
-        if buf is None:
-            buf = self._bufs[key] = torch.empty_like(p, memory_format=torch.contiguous_format)
-        return buf
+                update = self.stages.adam_decoder_ if name == "W_dec" else self.stages.adam_
+                for sl in _row_chunks(p, ROW_AXIS[name], self.stages.compiled):
+                    update(p.data[sl], p.grad[sl], m_all[sl], v_all[sl], inv, inv_eps, b1, b2)
 
     def zero_grad(self) -> None:
         for p in self.bank.parameters():

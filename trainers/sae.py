@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .config import SAEConfig
+from .fused import EAGER, Stages, latent_stats
 
 BATCHTOPK_THRESHOLD_DECAY = 0.99
 """EMA decay of the BatchTopK inference threshold (mean smallest kept activation per batch)."""
@@ -132,12 +133,12 @@ class SAEGroup(nn.Module):
         self.b_enc.zero_()
         self.b_dec.zero_()
 
-    def chunks(self, n_rows: int, device: torch.device) -> list[tuple[int, int]]:
-        """Member ranges [a, b) processed together. On a GPU the whole group (big GEMMs keep it busy);
-        on a CPU as many members as keep one chunk's latents (n_rows x d_sae fp32 each) within
-        `CPU_CHUNK_BYTES`, so the element-wise passes over the latents run from cache instead of
-        streaming the whole group's (n, B, d_sae) tensor through memory once per pass."""
-        if device.type != "cpu":
+    def chunks(self, n_rows: int, device: torch.device, whole: bool = False) -> list[tuple[int, int]]:
+        """Member ranges [a, b) processed together. On a GPU (or when `whole`) the whole group (big
+        GEMMs keep it busy); on a CPU as many members as keep one chunk's latents (n_rows x d_sae fp32
+        each) within `CPU_CHUNK_BYTES`, so the element-wise passes over the latents run from cache
+        instead of streaming the whole group's (n, B, d_sae) tensor through memory once per pass."""
+        if device.type != "cpu" or whole:
             return [(0, self.n)]
         m = max(1, CPU_CHUNK_BYTES // max(1, n_rows * self.d_sae * 4))
         return [(a, min(a + m, self.n)) for a in range(0, self.n, m)]
@@ -197,11 +198,13 @@ class SAEGroup(nn.Module):
         h = torch.relu(pre)
         return h * (h > self.threshold[a:b, None, None].to(h.dtype)), None
 
-    def decode(self, z: torch.Tensor, a: int = 0, b: int | None = None) -> torch.Tensor:
-        """Members [a, b): (m, B, d_sae) -> (m, B, d_in), in z's dtype."""
+    def decode(self, z: torch.Tensor, a: int = 0, b: int | None = None, w_dec: torch.Tensor | None = None) -> torch.Tensor:
+        """Members [a, b): (m, B, d_sae) -> (m, B, d_in), in z's dtype. `w_dec`: W_dec[a:b] already
+        cast to z's dtype, when the caller has it."""
         b = self.n if b is None else b
         dt = z.dtype
-        return torch.baddbmm(self.b_dec[a:b, None, :].to(dt), z, self.W_dec[a:b].to(dt))
+        w_dec = self.W_dec[a:b].to(dt) if w_dec is None else w_dec
+        return torch.baddbmm(self.b_dec[a:b, None, :].to(dt), z, w_dec)
 
     def forward(self, x_bd: torch.Tensor, train: bool = True) -> Output:
         """All members, differentiable (autograd); evaluation and tests use it. Training uses the
@@ -263,15 +266,18 @@ class SAEGroup(nn.Module):
         return self._g_enc, self._g_dec, self._g_bdec
 
     @torch.no_grad()
-    def train_grads(self, x_bd: torch.Tensor, l1_coef: torch.Tensor, compute_dtype: torch.dtype | None = None) -> StepOut:
+    def train_grads(self, x_bd: torch.Tensor, l1_coef: torch.Tensor, compute_dtype: torch.dtype | None = None,
+                    stages: Stages = EAGER) -> StepOut:
         """Loss of every member on the batch and its gradient, written to the parameters' `.grad`.
 
         The same loss as `forward(train=True)` (summed over members), differentiated by hand so that
-        each chunk of members costs its five GEMMs plus a handful of element-wise passes over the
-        latents: ReLU in place, the L1 term folded into the latent gradient, the ReLU/TopK mask applied
-        in place (`z > 0` is exactly where the latent had a gradient), the encoder bias gradient a row
-        of the encoder weight GEMM, and every gradient GEMM writing straight into its final buffer.
-        `l1_coef` (n,) is this step's L1 coefficient (0 for TopK/BatchTopK members)."""
+        each chunk of members costs its five GEMMs plus a few element-wise stages over the latents
+        (`stages`, eager or compiled, see fused.py): ReLU in place with the per-latent sums and
+        firing counts that L1, L0 and the dead-latent counters need; the L1 term and the ReLU/TopK
+        mask folded into the latent gradient in place (`z > 0` is exactly where the latent had a
+        gradient); the encoder bias gradient a row of the encoder weight GEMM; every gradient GEMM
+        writing straight into its final buffer. `l1_coef` (n,) is this step's L1 coefficient (0 for
+        TopK/BatchTopK members)."""
         B, d, s = x_bd.shape[0], self.d_in, self.d_sae
         wd = self.W_dec.dtype  # the weights' (master) dtype: losses and gradients
         cd = compute_dtype or wd  # GEMMs and latents (bf16 on a GPU when asked)
@@ -280,20 +286,23 @@ class SAEGroup(nn.Module):
         x_cd = x.to(cd)
         x1_t = torch.cat([x_cd, torch.ones(B, 1, dtype=cd, device=x.device)], 1).T  # (d + 1, B)
         parts = []
-        for a, b in self.chunks(B, x.device):
+        for a, b in self.chunks(B, x.device, whole=stages.compiled):
             m = b - a
             pre = self.pre_acts(x_cd, a, b)
             aux_members = self._aux_members(a, b)
-            all_relu = all(arch == "relu" for arch in self.archs[a:b])
-            z, kept_min = self.activate(pre, a, b, train=True, inplace=all_relu)
-            x_hat = self.decode(z, a, b).to(wd)
+            w_dec = self.W_dec[a:b].to(cd)  # cast once (bf16): the decoder and the latent gradient use it
+            if all(arch == "relu" for arch in self.archs[a:b]):
+                z, z_sums, z_counts = stages.relu_stats_(pre, wd)
+                kept_min = torch.full((m,), math.inf, dtype=wd, device=x.device)
+            else:
+                z, kept_min = self.activate(pre, a, b, train=True)
+                z_sums, z_counts = latent_stats(z, wd)
+            x_hat = self.decode(z, a, b, w_dec).to(wd)
             err = x_hat.sub_(x)  # (m, B, d): x_hat - x
             mse = err.pow(2).sum(-1).mean(-1)
-            # Statistics, each one pass over the latents. (z > 0).sum(...) into int64 is ~10x slower
-            # than into int32 on a CPU; amax over rows says which latents fired.
-            l1 = z.sum(dim=(1, 2), dtype=wd) / B
-            l0 = (z > 0).sum(dim=(1, 2), dtype=torch.int32).to(wd) / B
-            fired = z.amax(1) > 0  # (m, d_sae)
+            l1 = z_sums.sum(-1) / B
+            l0 = z_counts.sum(-1).to(wd) / B
+            fired = z_counts > 0  # (m, d_sae)
             aux = torch.zeros(m, dtype=wd, device=x.device)
             g = err.mul_(2.0 / B)  # d loss / d x_hat
             g_cd = g.to(cd)
@@ -304,21 +313,15 @@ class SAEGroup(nn.Module):
             else:
                 gw.copy_(torch.bmm(z.transpose(1, 2), g_cd))
             gb = g.sum(1)
-            # Latent gradient g W_dec^T (+ l1 / B for ReLU members), laid out like the encoder output
-            # so the encoder's weight gradient is one GEMM without a transpose copy.
+            # Latent gradient g W_dec^T, laid out like the encoder output so the encoder's weight
+            # gradient is one GEMM without a transpose copy; then + l1 / B and the mask, in place.
             if self.fuse_encoders:
                 buf = torch.empty(B, m, s, dtype=cd, device=x.device)
                 dz = buf.transpose(0, 1)
             else:
                 buf = dz = torch.empty(m, B, s, dtype=cd, device=x.device)
-            w_dec_t = self.W_dec[a:b].to(cd).transpose(1, 2)
-            if all_relu:
-                torch.baddbmm((l1_coef[a:b] / B).to(cd)[:, None, None].expand(m, B, s), g_cd, w_dec_t, out=dz)
-            else:
-                torch.bmm(g_cd, w_dec_t, out=dz)
-                if bool((l1_coef[a:b] != 0).any()):
-                    dz.add_((l1_coef[a:b] / B).to(cd)[:, None, None])
-            torch.ops.aten.threshold_backward.grad_input(dz, z, 0, grad_input=dz)  # dpre, in place
+            torch.bmm(g_cd, w_dec.transpose(1, 2), out=dz)
+            stages.mask_grad_(dz, z, l1_coef[a:b] / B)  # dpre
             for i in aux_members:
                 j = i - a
                 aux[j] = self._aux_grads(pre[j], g[j], i, dz[j], gw[j], B)

@@ -5,10 +5,10 @@ list in tests) plus the `Normalizer` to apply on the device, and trains the bank
 When the iterable has `state_dict()`/`load_state_dict()`, checkpoints record its position and a
 resumed pass continues with exactly the batches an uninterrupted one would have seen.
 
-One step (`train_step`): forward all groups, sum the members' losses, backward, average gradients
-over ranks (distributed runs), remove the decoder-gradient component along each decoder row, Adam
-with per-member learning rates (update projected the same way), renormalize decoder rows, then
-update the dead-latent counters and BatchTopK thresholds.
+One step (`train_step`): every group's loss and hand-written gradient, gradients averaged over ranks
+(distributed runs), Adam with per-member learning rates under the decoder-norm constraint (the
+decoder gradient's and update's components along each row removed, rows renormalized), then the
+dead-latent counters and BatchTopK thresholds.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from saev_store.stats import Normalizer
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import SAEConfig, TrainConfig
-from .constraints import remove_parallel_, renormalize_rows_
+from . import fused
 from .optim import BankAdam
 from .sae import SAEBank, StepOut, geometric_median
 from .schedules import lr_factor, sparsity_factor
@@ -61,6 +61,16 @@ def set_precision(cfg: TrainConfig) -> None:
         allow = cfg.precision in ("tf32", "bf16")
         torch.backends.cuda.matmul.allow_tf32 = allow
         torch.backends.cudnn.allow_tf32 = allow
+
+
+def compiled(cfg: TrainConfig) -> bool:
+    """Whether this run's element-wise stages go through torch.compile (`TrainConfig.compile`)."""
+    return cfg.compile == "on" or (cfg.compile == "auto" and cfg.device.startswith("cuda"))
+
+
+def make_optimizer(bank: SAEBank, cfg: TrainConfig) -> BankAdam:
+    """Adam over the bank with this run's betas, epsilon and (eager or compiled) element-wise stages."""
+    return BankAdam(bank, cfg.adam_betas, cfg.adam_eps, fused.stages(compiled(cfg)))
 
 
 def peak_lrs(bank: SAEBank, cfg: TrainConfig, device) -> list[torch.Tensor]:
@@ -107,7 +117,7 @@ def train_step(bank: SAEBank, opt: BankAdam, x_bd: torch.Tensor, step: int, n_st
         l1s = l1_coefs(bank, x_bd.device)
     cd = compute_dtype(cfg)
     opt.zero_grad()
-    outs: list[StepOut] = [g.train_grads(x_bd, l1 * l1_f, cd) for g, l1 in zip(bank.groups, l1s)]
+    outs: list[StepOut] = [g.train_grads(x_bd, l1 * l1_f, cd, opt.stages) for g, l1 in zip(bank.groups, l1s)]
     if world > 1:
         grads = [p.grad for p in bank.parameters() if p.grad is not None]
         flat = torch.cat([gr.reshape(-1) for gr in grads])
@@ -117,12 +127,9 @@ def train_step(bank: SAEBank, opt: BankAdam, x_bd: torch.Tensor, step: int, n_st
         for gr in grads:
             gr.copy_(flat[offset : offset + gr.numel()].view_as(gr))
             offset += gr.numel()
-    for g in bank.groups:
-        remove_parallel_(g.W_dec.grad, g.W_dec.detach())
-    opt.step([p * lr_f for p in peak])
+    opt.step([p * lr_f for p in peak])  # keeps decoder rows unit-norm (fused.adam_decoder_)
     with torch.no_grad():
         for g, o in zip(bank.groups, outs):
-            renormalize_rows_(g.W_dec.data)
             fired, kept_min = o.fired, o.kept_min
             if world > 1:
                 fired_f = fired.float()
@@ -204,7 +211,7 @@ def train_pass(
     device = torch.device(cfg.device)
     set_precision(cfg)
     bank = SAEBank(saes, cfg.fuse_encoders).to(device)
-    opt = BankAdam(bank, cfg.adam_betas, cfg.adam_eps)
+    opt = make_optimizer(bank, cfg)
     peak = peak_lrs(bank, cfg, device)
     l1s = l1_coefs(bank, device)
     step = 0

@@ -1,0 +1,105 @@
+"""The training step's fused stages (trainers/fused.py): each eager stage against a brute-force
+float64 formula, and the torch.compile'd stages against the eager ones, stage by stage and over
+whole training steps. CUDA runs the inductor form (`benchmarks/train.py` checks it on the device
+before timing); here the CPU compiles three stages with inductor and all four with "aot_eager"
+(graph capture and functionalization of the in-place updates), see `fused.stages`."""
+
+import numpy as np
+import pytest
+import torch
+
+from trainers import fused
+from trainers.config import SAEConfig, TrainConfig
+from trainers.sae import SAEBank
+from trainers.train import init_b_dec, l1_coefs, peak_lrs, train_step
+from trainers.optim import BankAdam
+
+torch.set_num_threads(2)
+
+
+def _adam_inputs(gen, shape=(3, 40, 16)):
+    p = torch.randn(shape, generator=gen)
+    p /= p.norm(dim=-1, keepdim=True)
+    g, m = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen) * 0.1
+    v = torch.rand(shape, generator=gen) * 0.01
+    inv = torch.rand(shape[0], 1, 1, generator=gen) * 100 + 50
+    return [p, g, m, v], inv, inv * 1e-8
+
+
+def test_eager_stages_against_float64_formulas():
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(3, 50, 20, generator=gen)
+    ref = pre.double().clamp_min(0)
+    z, sums, counts = fused.relu_stats_(pre.clone(), torch.float64)
+    np.testing.assert_array_equal(z.numpy(), ref.float().numpy())
+    np.testing.assert_allclose(sums.numpy(), ref.sum(1).numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(counts.numpy(), (ref > 0).sum(1).numpy())
+
+    dz = torch.randn(3, 50, 20, generator=gen)
+    c = torch.tensor([0.5, 0.0, 2.0])
+    want = torch.where(z > 0, dz + c[:, None, None], torch.zeros(()))
+    np.testing.assert_array_equal(fused.mask_grad_(dz.clone(), z, c).numpy(), want.numpy())
+
+    (p, g, m, v), inv, inv_eps = _adam_inputs(gen)
+    P, G, M, V, I = (t.double() for t in (p, g, m, v, inv))
+    M2 = 0.9 * M + 0.1 * G
+    V2 = 0.999 * V + 0.001 * G * G
+    fused.adam_(p, g, m, v, inv, inv_eps, 0.9, 0.999)
+    np.testing.assert_allclose(p.numpy(), (P - M2 / ((V2.sqrt() + 1e-8) * I)).numpy(), rtol=1e-5, atol=1e-7)
+
+    (p, g, m, v), inv, inv_eps = _adam_inputs(gen)
+    P, G, M, V, I = (t.double() for t in (p, g, m, v, inv))
+    Gt = G - (G * P).sum(-1, keepdim=True) * P
+    M2, V2 = 0.9 * M + 0.1 * Gt, 0.999 * V + 0.001 * Gt * Gt
+    U = M2 / ((V2.sqrt() + 1e-8) * I)
+    U = U - (U * P).sum(-1, keepdim=True) * P
+    W = P - U
+    fused.adam_decoder_(p, g, m, v, inv, inv_eps, 0.9, 0.999)
+    np.testing.assert_allclose(p.numpy(), (W / W.norm(dim=-1, keepdim=True)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m.numpy(), M2.numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_inductor_stages_equal_eager():
+    """relu_stats_, mask_grad_ and adam_ through inductor's CPU code generator (each ~10 s to compile)."""
+    gen = torch.Generator().manual_seed(1)
+    comp = fused.stages(True)
+    pre = torch.randn(2, 64, 48, generator=gen)
+    for got, want in zip(comp.relu_stats_(pre.clone(), torch.float32), fused.relu_stats_(pre.clone(), torch.float32)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    z = pre.clamp_min(0)
+    dz = torch.randn(2, 64, 48, generator=gen)
+    c = torch.tensor([0.3, 0.0])
+    torch.testing.assert_close(comp.mask_grad_(dz.clone(), z, c), fused.mask_grad_(dz.clone(), z, c))
+    (p, g, m, v), inv, inv_eps = _adam_inputs(gen)
+    got = [t.clone() for t in (p, g, m, v)]
+    comp.adam_(*got, inv, inv_eps, 0.9, 0.999)
+    fused.adam_(p, g, m, v, inv, inv_eps, 0.9, 0.999)
+    for a, b in zip(got, (p, g, m, v)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_compiled_training_steps_equal_eager():
+    """Eight steps of a mixed bank (ReLU, TopK, BatchTopK; two widths) with compiled stages (whole
+    tensors, "aot_eager") against the eager stages (cache-sized pieces) from the same start."""
+    d_in, B = 8, 32
+    saes = [SAEConfig("r", d_in, 24, "relu", l1=0.5, seed=1), SAEConfig("r2", d_in, 24, "relu", l1=2.0, seed=2),
+            SAEConfig("t", d_in, 40, "topk", k=3, seed=3, dead_after=32), SAEConfig("b", d_in, 40, "batchtopk", k=2, seed=4)]
+    cfg = TrainConfig(saes=tuple(saes), batch_size=B, warmup_steps=2, l1_warmup_steps=2, quiet=True)
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randn(B, d_in, generator=gen) * 2 for _ in range(8)]
+    banks = []
+    for st in (fused.EAGER, fused.stages(True, backend="aot_eager")):
+        bank = SAEBank(saes)
+        opt = BankAdam(bank, stages=st)
+        peak, l1s = peak_lrs(bank, cfg, "cpu"), l1_coefs(bank, "cpu")
+        init_b_dec(bank, batches[0], "mean")
+        losses = [train_step(bank, opt, x, i, 8, cfg, peak, l1s).loss for i, x in enumerate(batches)]
+        banks.append((bank, torch.stack(losses)))
+    (eager, l_e), (comp, l_c) = banks
+    torch.testing.assert_close(l_c, l_e, rtol=1e-5, atol=1e-6)
+    for (name, a), (_, b) in zip(eager.named_parameters(), comp.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+    for g in comp.groups:
+        torch.testing.assert_close(g.W_dec.norm(dim=-1), torch.ones(g.n, g.d_sae))
