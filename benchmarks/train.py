@@ -97,7 +97,7 @@ def check_compiled(saes, cfg: TrainConfig, device, n_steps: int = 3) -> float:
         peak, l1s = peak_lrs(bank, vcfg, device), l1_coefs(bank, device)
         for step in range(n_steps):
             train_step(bank, opt, torch.randn(cfg.batch_size, cfg.d_in, device=device), step, 10**9, vcfg, peak, l1s)
-        banks.append(dict(bank.named_parameters()))
+        banks.append({k: v.detach() for k, v in bank.named_parameters()})
         del bank, opt
     return max(float((banks[0][k] - banks[1][k]).norm() / banks[0][k].norm()) for k in banks[0])
 
