@@ -62,6 +62,8 @@ def test_cli_user_errors(tmp_path, rng):
     assert r.exit_code == 2 and "hook 'nope'" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(main, [st.path, "--hook", "h", "--k", "4", "--arch", "relu", "--out", str(tmp_path / "r")])
     assert r.exit_code == 2 and "--k" in r.output
+    r = CliRunner().invoke(main, [st.path, "--hook", "h", "--compile", "on", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "--compile on needs a CUDA device" in r.output and "Traceback" not in r.output
 
 
 def _cmd(store, out, *extra):
