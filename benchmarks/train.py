@@ -29,7 +29,7 @@ import torch
 from trainers.config import TrainConfig
 from trainers.sae import SAEBank
 from trainers.sweep import expand
-from trainers.train import autocast_ctx, l1_coefs, make_optimizer, peak_lrs, set_precision, train_step
+from trainers.train import compute_dtype, l1_coefs, make_optimizer, peak_lrs, set_precision, train_step
 
 
 def _sync(device):
@@ -103,25 +103,27 @@ def check_compiled(saes, cfg: TrainConfig, device, n_steps: int = 3) -> float:
 
 
 def gemm_seconds(saes, cfg: TrainConfig, device, n_iter: int) -> float:
-    """The same matrix products as a training step, alone (same dtype policy as the step)."""
-    B, d = cfg.batch_size, cfg.d_in
+    """The same matrix products as a training step, alone: operands already in the step's compute
+    dtype (bf16 with --precision bf16) and the latents laid out as the step lays them out, so no
+    cast or copy is timed here that the step would not also pay."""
+    B, d, cd = cfg.batch_size, cfg.d_in, compute_dtype(cfg)
     widths = {}
     for c in saes:
         widths[c.d_sae] = widths.get(c.d_sae, 0) + 1
-    x = torch.randn(B, d, device=device)
+    x = torch.randn(B, d, device=device, dtype=cd)
     mats = []
     for s, n in widths.items():
-        mats.append((torch.randn(d, n * s, device=device), torch.randn(n, B, s, device=device),
-                     torch.randn(n, s, d, device=device), torch.randn(n, B, d, device=device)))
+        mats.append((torch.randn(d, n * s, device=device, dtype=cd), torch.randn(B, n, s, device=device, dtype=cd),
+                     torch.randn(n, s, d, device=device, dtype=cd), torch.randn(n, B, d, device=device, dtype=cd)))
 
     def one():
-        with autocast_ctx(cfg):
-            for w_enc, z, w_dec, gx in mats:
-                x @ w_enc                                   # encoder forward
-                torch.bmm(z, w_dec)                         # decoder forward
-                torch.bmm(gx, w_dec.transpose(1, 2))        # d latents
-                torch.bmm(z.transpose(1, 2), gx)            # d W_dec
-                x.T @ z.transpose(0, 1).reshape(B, -1)      # d W_enc
+        for w_enc, z_bns, w_dec, gx in mats:
+            z = z_bns.transpose(0, 1)                   # (n, B, s), a view, as in the step
+            x @ w_enc                                   # encoder forward
+            torch.bmm(z, w_dec)                         # decoder forward
+            torch.bmm(gx, w_dec.transpose(1, 2))        # d latents
+            torch.bmm(z.transpose(1, 2), gx)            # d W_dec
+            x.T @ z_bns.view(B, -1)                     # d W_enc
 
     return _time(one, device, n_iter)
 

@@ -135,7 +135,7 @@ class TrainConfig:
     device: str = "cpu"
     """Torch device: cpu, cuda, cuda:1 ..."""
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"
-    """fp32 (default, exact); tf32 (TF32 matmuls on GPU); bf16 (bf16 autocast on GPU, fp32 master weights)."""
+    """fp32 (default, exact); tf32 (TF32 matmuls on GPU); bf16 (bf16 matrix products and latents on GPU, fp32 master weights, Adam and losses)."""
     compile: Literal["auto", "on", "off"] = "auto"
     """Fuse the step's element-wise stages and Adam with torch.compile (trainers/fused.py). auto: on a
     CUDA device; a CPU runs them eagerly from cache ("on" is refused there, see fused.stages)."""

@@ -13,7 +13,6 @@ dead-latent counters and BatchTopK thresholds.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pathlib
 import time
@@ -47,12 +46,6 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def autocast_ctx(cfg: TrainConfig):
-    if cfg.precision == "bf16":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def set_precision(cfg: TrainConfig) -> None:
