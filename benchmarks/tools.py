@@ -178,7 +178,8 @@ def main() -> None:
     p.add_argument("--d-sae", type=int, default=4096)
     p.add_argument("--n-saes", type=int, default=2)
     p.add_argument("--k", type=int, default=16)
-    p.add_argument("--memory-mb", type=float, default=512)
+    p.add_argument("--memory-mb", type=float, default=128,
+                   help="block budget of the pass (small, so that both store sizes span several blocks)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=0)

@@ -80,7 +80,7 @@ def test_store_over_memory_budget_equals_whole_store(small_store, tmp_path, monk
     whole = run_topk(saes, path, tmp_path / "whole", k=4, block_images=10_000, quiet=True)
     monkeypatch.setattr(topk_mod, "_COUNTS_FLUSH", 50)  # the sparse counts reach disk in many appends too
     # A budget that holds about three images forces many blocks (not aligned to the store's chunks).
-    per_image_mb = 16 * (4 * 8 + 16 * 40) / 2**20
+    per_image_mb = 12 * 16 * 8 / 2**20  # tools.topk.plan_block_images: 12 * T * d bytes per image
     small = run_topk(saes, path, tmp_path / "small", k=4, memory_mb=3 * per_image_mb, quiet=True)
     assert whole.n_blocks == 1 and small.n_blocks >= 10 and small.block_images == 3
     for name in saes:

@@ -47,7 +47,7 @@ def main():
 @click.option("--hook", default=None, help="Hook to read (default: the SAEs' hook).")
 @click.option("-k", "--k", "k", default=16, show_default=True, help="Exemplars kept per latent and ranking.")
 @click.option("--tau", default=0.2, show_default=True, help="A patch counts when the latent's value exceeds tau.")
-@click.option("--memory-mb", default=1024.0, show_default=True, help="Budget for one block of activations and latents.")
+@click.option("--memory-mb", default=1024.0, show_default=True, help="Budget for one block of activations (latents go in fixed-size chunks).")
 @click.option("--block-images", default=None, type=int, help="Images per block (overrides --memory-mb).")
 @click.option("--device", default="cpu", show_default=True, help="torch device for the SAEs, e.g. cuda.")
 @click.option("--readers", "n_readers", default=4, show_default=True, help="Store chunks read ahead in parallel.")

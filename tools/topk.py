@@ -8,7 +8,8 @@
 The pass reads each block of images once (the ordered loader, raw activations: the exported SAEs fold
 their input normalization into their weights), encodes it with every SAE in turn and feeds each SAE's
 `LatentAccumulator` (tools/accumulate.py holds the definitions). Memory is bounded: one block of
-activations and one SAE's latents for it (sized by `memory_mb`), plus each accumulator's fixed state.
+activations (sized by `memory_mb`), one chunk of latents (`accumulate.CHUNK_BYTES`), plus each
+accumulator's fixed state.
 
 Output folder (written as OUT.partial and renamed when complete, so a crash leaves nothing half-done that
 looks finished; a rerun with `overwrite` starts over):
@@ -125,15 +126,16 @@ def _common(saes: Mapping, attr: str, given):
 
 
 # ---- the pass ----------------------------------------------------------------------------------------
-def plan_block_images(n_patches: int, d: int, d_sae_max: int, memory_mb: float) -> int:
-    """Images per block under `memory_mb`, budgeting per image T*d*4 bytes of activations plus 16*T*L.
+def plan_block_images(n_patches: int, d: int, memory_mb: float) -> int:
+    """Images per block under `memory_mb`, budgeting 12*T*d bytes per image: the block as the loader gives
+    it, its float32 copy on the device (none on a CPU) and its copy centered on each SAE's b_dec, float32.
 
-    The 16*T*L term is conservative since the pass encodes in fixed-size chunks (CHUNK_BYTES of latents,
-    reused), so a block no longer holds its latents; the pass really holds about 12*T*d per image
-    (chunks being assembled, the block, its centered copy). Kept until the budget is re-measured:
-    changing it changes block counts, memory and the benchmark figures.
+    The latents are not in it: the pass encodes a block in chunks of a fixed size (`CHUNK_BYTES` of latents,
+    reused), so they cost the same whatever the block. Sizing blocks for their full latents (16*T*d_sae per
+    image, as this did before) made them tiny on a GPU: 31 images for three 16,384-wide SAEs at 512 MiB,
+    and a block costs a fixed ~20 ms there.
     """
-    per_image = n_patches * (4 * d + 16 * d_sae_max)
+    per_image = 12 * n_patches * d
     return max(1, int(memory_mb * (1 << 20)) // per_image)
 
 
@@ -249,7 +251,7 @@ def run_topk(
     n_patches = info.layout.n_patches
     n_classes = n_classes_of(st)
     if block_images is None:
-        block_images = plan_block_images(n_patches, info.d, max(s.d_sae for s in saes.values()), memory_mb)
+        block_images = plan_block_images(n_patches, info.d, memory_mb)
     block_images = int(max(1, block_images))
     valid = st.valid()
     n_valid = int(valid.sum())
