@@ -5,6 +5,7 @@ import os
 
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from tools.cli import main
 from tools.topk import load_topk
@@ -46,6 +47,13 @@ def test_cli_run_topk_render_report(tmp_path):
     assert "dataset" in r.output  # the test store records no dataset: a warning, not a crash
     r = cli.invoke(main, ["render", str(run / "topk"), "--sae", "w24", "--latents", "99", "--quiet"])
     assert r.exit_code == 2 and "outside" in r.output
+    # --tile-px and --cols reach the grid: a tile that never fired is one grey square (tools.images.grid_image:
+    # n_cols * (tile + 2) + 2 wide); latent 0 of this run has exemplars, so its grid is at most 2 tiles wide.
+    r = cli.invoke(main, ["render", str(run / "topk"), "--sae", "w24", "--latents", "0", "--tile-px", "40", "--cols", "2",
+                          "--out", str(tmp_path / "tiles"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    with Image.open(tmp_path / "tiles" / "latent_0_max.png") as im:
+        assert im.width in (40 + 4, 2 * 42 + 2) and (im.height - 2) % 42 == 0
 
     r = cli.invoke(main, ["report", str(run / "topk"), "--max-pages", "3", "--quiet"])
     assert r.exit_code == 0, r.output

@@ -18,6 +18,8 @@ def _image_options(fn):
     """Options shared by the commands that draw exemplar tiles."""
     for opt in reversed([
         click.option("--cols", "n_cols", default=4, show_default=True, help="Tiles per grid row."),
+        click.option("--tile-px", type=click.IntRange(16, 2048), default=None,
+                     help="Tile side in pixels [default: the model's input size, kept within 96-160]."),
         click.option("--alpha", default=0.6, show_default=True, help="Heatmap opacity at the latent's largest value."),
         click.option("--data-root", default=None, help="Where the store's dataset lives now, if it moved."),
         click.option("--quiet", is_flag=True, help="No progress bar."),
@@ -75,13 +77,13 @@ def topk(run_or_sae, store_path, out_dpath, hook, k, tau, memory_mb, block_image
 @click.option("--n-latents", default=16, show_default=True, help="How many latents when --latents is not given.")
 @click.option("--out", "out_dpath", default=None, help="Output folder (default: TOPK/<sae>/render).")
 @_image_options
-def render(topk_dpath, sae, latents, n_latents, out_dpath, n_cols, alpha, data_root, quiet):
+def render(topk_dpath, sae, latents, n_latents, out_dpath, n_cols, tile_px, alpha, data_root, quiet):
     """Exemplar grids with patch heatmaps, the frequency/activation scatter and the frequency histogram."""
     from .render import render as render_fn
 
     res = render_fn(
-        topk_dpath, out_dpath, sae=sae, latents=_latent_list(latents), n_latents=n_latents, n_cols=n_cols, alpha=alpha,
-        data_root=data_root, quiet=quiet,
+        topk_dpath, out_dpath, sae=sae, latents=_latent_list(latents), n_latents=n_latents, n_cols=n_cols,
+        tile_px=tile_px, alpha=alpha, data_root=data_root, quiet=quiet,
     )
     click.echo(f"{len(res.grids)} latent(s) rendered")
     click.echo(f"render: {res.out_dpath}")
@@ -94,13 +96,13 @@ def render(topk_dpath, sae, latents, n_latents, out_dpath, n_cols, alpha, data_r
 @click.option("--latents", default=None, help="Comma-separated latents that get a page (default: --max-pages spread over frequency).")
 @click.option("--max-pages", default=128, show_default=True, help="Latent pages per SAE when --latents is not given.")
 @_image_options
-def report(topk_dpath, out_dpath, saes, latents, max_pages, n_cols, alpha, data_root, quiet):
+def report(topk_dpath, out_dpath, saes, latents, max_pages, n_cols, tile_px, alpha, data_root, quiet):
     """A static HTML report (opens from disk): sortable, filterable latent index and a page per latent."""
     from .report import build_report
 
     res = build_report(
         topk_dpath, out_dpath, saes=list(saes) or None, latents=_latent_list(latents), max_pages=max_pages, n_cols=n_cols,
-        alpha=alpha, data_root=data_root, quiet=quiet,
+        tile_px=tile_px, alpha=alpha, data_root=data_root, quiet=quiet,
     )
     click.echo(f"report: {res.index_fpath}")
 

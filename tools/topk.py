@@ -284,9 +284,8 @@ def run_topk(
             w.close()
     finally:
         bar.close()
-        for w in writers.values():  # after an error: stop the threads (the .partial folder is redone next time)
-            if w.thread.is_alive():
-                w.queue.put(None)
+        for w in writers.values():  # a no-op after close(); after an error, stops the threads
+            w.abort()
     elapsed_s = time.perf_counter() - t0
 
     entries = {}
@@ -388,6 +387,11 @@ class _CountsWriter:
             self.thread.join()
         if self.error is not None:
             raise self.error
+
+    def abort(self) -> None:
+        """After an error in the pass: stop the thread without waiting (the .partial folder is redone next time)."""
+        if self.thread.is_alive():
+            self.queue.put(None)
 
 
 def load_image_counts(dpath: str | os.PathLike) -> ImageCounts:
