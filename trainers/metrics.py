@@ -95,11 +95,19 @@ class FVUAccumulator:
 
     @property
     def fvu(self) -> float:
-        return self.sse / self.m2 if self.m2 > 0 else float("nan")
+        return self.fvu_of(self.sse)
 
     @property
     def mse(self) -> float:
-        return self.sse / (self.n * self.mean.shape[0]) if self.n else float("nan")
+        return self.mse_of(self.sse)
+
+    def fvu_of(self, sse: float) -> float:
+        """FVU of a model whose summed squared error over these rows is `sse`."""
+        return sse / self.m2 if self.m2 > 0 else float("nan")
+
+    def mse_of(self, sse: float) -> float:
+        """Mean squared error per element for the summed squared error `sse` over these rows."""
+        return sse / (self.n * self.mean.shape[0]) if self.n else float("nan")
 
 
 class SAEAccumulator:
@@ -111,7 +119,8 @@ class SAEAccumulator:
 
     def __init__(self, d_in: int, d_sae: int, data: FVUAccumulator | None = None):
         self.own_data = data is None
-        self.fvu = FVUAccumulator(d_in) if data is None else data
+        self.data = FVUAccumulator(d_in) if data is None else data
+        """The rows' statistics (count, mean, squared deviations): FVU's denominator."""
         self.sse = 0.0
         self.n_fired = np.zeros(d_sae, dtype=np.int64)
         self.sum_l0 = 0
@@ -119,7 +128,7 @@ class SAEAccumulator:
 
     def update(self, x_nd: torch.Tensor, x_hat_nd: torch.Tensor, z_ns: torch.Tensor) -> None:
         if self.own_data:
-            self.fvu.add_rows(x_nd)
+            self.data.add_rows(x_nd)
         err = _f64(x_nd) - _f64(x_hat_nd)
         z = torch.as_tensor(z_ns)
         self.add(float(np.einsum("nd,nd->", err, err)), float(z.double().abs().sum()),
@@ -134,15 +143,14 @@ class SAEAccumulator:
         self.sum_l0 += int(n_fired.sum())
 
     def result(self) -> EvalMetrics:
-        n = max(self.fvu.n, 1)
-        d = self.fvu.mean.shape[0]
+        n = max(self.data.n, 1)
         freq = self.n_fired / n
         return EvalMetrics(
-            fvu=self.sse / self.fvu.m2 if self.fvu.m2 > 0 else float("nan"),
-            mse=self.sse / (self.fvu.n * d) if self.fvu.n else float("nan"),
+            fvu=self.data.fvu_of(self.sse),
+            mse=self.data.mse_of(self.sse),
             l0=self.sum_l0 / n,
             l1=self.sum_l1 / n,
-            n_rows=self.fvu.n,
+            n_rows=self.data.n,
             n_dead=int((self.n_fired == 0).sum()),
             n_almost_dead=int(((freq > 0) & (freq < ALMOST_DEAD_BELOW)).sum()),
             n_dense=int((freq > DENSE_ABOVE).sum()),
