@@ -103,3 +103,23 @@ def test_compiled_training_steps_equal_eager():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
     for g in comp.groups:
         torch.testing.assert_close(g.W_dec.norm(dim=-1), torch.ones(g.n, g.d_sae))
+
+
+def test_compile_setting(monkeypatch):
+    """--compile auto compiles on CUDA with Triton, runs eagerly (with a warning) without it; "on" is
+    refused where it cannot work, naming the fix."""
+    import trainers.train as train_mod
+    from saev_store.errors import UserError
+
+    base = dict(saes=(SAEConfig("a", 4, 8, "relu"),), quiet=True)
+    assert not train_mod.compiled(TrainConfig(**base))  # a CPU: eager
+    with pytest.raises(UserError, match="needs a CUDA device"):
+        TrainConfig(**base, compile="on")
+    monkeypatch.setattr(train_mod, "has_triton", lambda: True)
+    assert train_mod.compiled(TrainConfig(**base, device="cuda"))
+    assert not train_mod.compiled(TrainConfig(**base, device="cuda", compile="off"))
+    monkeypatch.setattr(train_mod, "has_triton", lambda: False)
+    with pytest.warns(UserWarning, match="Triton"):
+        assert not train_mod.compiled(TrainConfig(**base, device="cuda"))
+    with pytest.raises(UserError, match="needs Triton"):
+        train_mod.compiled(TrainConfig(**base, device="cuda", compile="on"))

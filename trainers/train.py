@@ -16,17 +16,19 @@ from __future__ import annotations
 import json
 import pathlib
 import time
+import warnings
 from typing import Iterable, NamedTuple
 
 import torch
 import torch.distributed as dist
 import tqdm
 
+from saev_store.errors import UserError
 from saev_store.stats import Normalizer
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import SAEConfig, TrainConfig
 from . import fused
+from .config import SAEConfig, TrainConfig
 from .optim import BankAdam
 from .sae import SAEBank, StepOut, geometric_median
 from .schedules import lr_factor, sparsity_factor
@@ -57,8 +59,27 @@ def set_precision(cfg: TrainConfig) -> None:
 
 
 def compiled(cfg: TrainConfig) -> bool:
-    """Whether this run's element-wise stages go through torch.compile (`TrainConfig.compile`)."""
-    return cfg.compile == "on" or (cfg.compile == "auto" and cfg.device.startswith("cuda"))
+    """Whether this run's element-wise stages go through torch.compile (`TrainConfig.compile`): on a
+    CUDA device with Triton (inductor's GPU code generator). Without Triton, auto runs them eagerly
+    with a warning and "on" is refused; off CUDA the config already refused "on"."""
+    if cfg.compile == "off" or not cfg.device.startswith("cuda"):
+        return False
+    if has_triton():
+        return True
+    if cfg.compile == "on":
+        raise UserError("--compile on needs Triton for this GPU (`pip install triton`, or a PyTorch build that "
+                        "ships it); use --compile off.")
+    warnings.warn("Triton is not available for this GPU: the training step's element-wise stages run eagerly "
+                  "(1.8x slower per step on an H100, benchmarks/README.md); `pip install triton` to fuse them.",
+                  stacklevel=2)
+    return False
+
+
+def has_triton() -> bool:
+    """Whether torch.compile can generate GPU kernels here (Triton installed and supporting this device)."""
+    from torch.utils._triton import has_triton as _has_triton
+
+    return bool(_has_triton())
 
 
 def make_optimizer(bank: SAEBank, cfg: TrainConfig) -> BankAdam:
@@ -226,6 +247,8 @@ def train_pass(
         scale = float(normalizer.scale)
 
     bar = tqdm.tqdm(total=n_steps, initial=step, desc=desc, unit="step", disable=cfg.quiet or rank != 0, dynamic_ncols=True)
+    if opt.stages.compiled and not bar.disable:
+        bar.write("compiling the step's fused stages (torch.compile; tens of seconds, once per pass)")
     acc = None
     n_acc, rows_since, t_last = 0, 0, time.perf_counter()
     it = iter(batches)
