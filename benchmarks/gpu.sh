@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The trainer's device checks in one call (issue 5's GPU aim), for a lent GPU machine whose python3
 # holds PyTorch but not zarr & co.: those travel as wheels in .whl/ and Fashion-MNIST's test split in
-# .gpudata/fashion-mnist (both git-ignored; see benchmarks/README.md, "GPU"). Writes logs to $OUT.
+# .gpudata/fashion-mnist (both git-ignored; benchmarks/README.md, section GPU, says how to make them). Writes logs to $OUT.
 #
 #   bash benchmarks/gpu.sh            # on the device machine, from the repository root
 #   E2E=0 bash benchmarks/gpu.sh      # the step benchmarks only
