@@ -25,6 +25,7 @@ import math
 from typing import NamedTuple, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .config import SAEConfig
@@ -83,6 +84,21 @@ class StepOut(NamedTuple):
     """(n, d_sae) bool: latent fired on at least one row."""
     kept_min: torch.Tensor
     """(n,) smallest activation BatchTopK kept (inf for other members)."""
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _global_kth(vals_m1k: torch.Tensor, k_m: torch.Tensor) -> torch.Tensor:
+    """Per member, the k_m-th largest value over every rank's candidates (m,), from each rank's own
+    sorted top values (m, 1, K): any of the global k_m largest is among its rank's K largest, so
+    gathering those is exact (ties at the threshold are all kept)."""
+    parts = [torch.empty_like(vals_m1k) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, vals_m1k.contiguous())
+    merged = torch.cat(parts, dim=-1).squeeze(1)  # (m, world * K)
+    top = merged.topk(int(k_m.max()), dim=-1, sorted=True).values
+    return top.gather(1, (k_m - 1)[:, None]).squeeze(1)
 
 
 def kaiming_uniform(shape_out_in: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
@@ -187,13 +203,17 @@ class SAEGroup(nn.Module):
         if arch == "topk" or (arch == "batchtopk" and train):
             m, B, s = pre.shape
             k = self.k[a:b]
+            world = _world_size()
             if arch == "topk":
                 flat, k_rows = pre, k
-            else:  # BatchTopK: the k * B largest over the whole batch, per member
-                flat, k_rows = pre.reshape(m, 1, B * s), k * B
-            k_max = max(self.k_host[a:b]) * (1 if arch == "topk" else B)
+            else:  # BatchTopK: the k * B largest over the whole batch (all ranks' rows), per member
+                flat, k_rows = pre.reshape(m, 1, B * s), k * B * world
+            k_max = min(max(self.k_host[a:b]) * (1 if arch == "topk" else B * world), flat.shape[-1])
             vals, idx = flat.topk(k_max, dim=-1, sorted=True)
-            keep = torch.arange(k_max, device=pre.device) < k_rows[:, None, None]
+            if arch == "batchtopk" and world > 1:
+                keep = vals >= _global_kth(vals, k_rows)[:, None, None]
+            else:
+                keep = torch.arange(k_max, device=pre.device) < k_rows[:, None, None]
             vals = torch.relu(vals) * keep
             z = torch.zeros((m,) + flat.shape[1:], dtype=pre.dtype, device=pre.device).scatter(-1, idx, vals).view(m, B, s)
             if arch == "topk":
