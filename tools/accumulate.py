@@ -255,7 +255,10 @@ class LatentAccumulator:
         self.sum_active = torch.zeros(d_sae, dtype=torch.float64, device=dev)
         self.max_act = torch.zeros(d_sae, device=dev)
         self.count_dataset = torch.zeros(d_sae, dtype=torch.int64, device=dev)
-        self.count_class = torch.zeros((n_classes, d_sae), dtype=torch.int64, device=dev)
+        self._count_class = torch.zeros((n_classes + 1, d_sae), dtype=torch.int64, device=dev)
+        """Per class, and a last row that collects unlabeled images (label < 0 or >= n_classes) and is dropped:
+        routing them there instead of selecting the labeled rows spares a device-to-host sync per chunk."""
+        self.count_class = self._count_class[:n_classes]
         self.top = {r: _RunningTopK(k, d_sae, n_patches, dev) for r in RANKINGS}
         self.scratch = scratch if scratch is not None else Scratch()
         """Chunk buffers; accumulators of one pass share them (they run one after another)."""
@@ -330,10 +333,7 @@ class LatentAccumulator:
         self.count_dataset += count_nl.sum(dim=0, dtype=torch.int64)
         if self.n_classes:
             labeled = (labels_t >= 0) & (labels_t < self.n_classes)
-            if bool(labeled.all()):
-                self.count_class.index_add_(0, labels_t.long(), count_nl.long())
-            elif bool(labeled.any()):
-                self.count_class.index_add_(0, labels_t[labeled].long(), count_nl[labeled].long())
+            self._count_class.index_add_(0, torch.where(labeled, labels_t, self.n_classes).long(), count_nl.long())
 
         self.top["max"].update(img_max, z, images_t, labels_t)
         self.top["mean"].update(img_sum / t, z, images_t, labels_t)
