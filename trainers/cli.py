@@ -69,7 +69,7 @@ def _init_distributed(device: str) -> str:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "tf32", "bf16"]))
 @click.option("--compile", "compile_", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
-              help="Fuse the step's element-wise stages and Adam with torch.compile (auto: on CUDA only).")
+              help="Fuse the step's element-wise stages and Adam with torch.compile (auto: on CUDA with Triton).")
 @click.option("--buffer-mb", default=512, show_default=True, type=int, help="Loader shuffle buffer.")
 @click.option("--n-readers", default=2, show_default=True, type=int, help="Loader chunk readers in flight.")
 @click.option("--out", "out_dpath", default=None, help="Run directory [default: runs/<store name>-<hook>].")
