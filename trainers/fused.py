@@ -57,9 +57,7 @@ def adam_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, in
     """One Adam update in place: p -= m_hat / (sqrt(v_hat) + eps) * lr, written as
     p -= m / ((sqrt(v) + eps c) * inv) with c = sqrt(1 - b2^t), inv = (1 - b1^t) / (lr c) and
     inv_eps = inv * eps * c, both broadcast along the member axis (see `optim.BankAdam.step`)."""
-    m.lerp_(g, 1 - b1)
-    v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    p.addcdiv_(m, torch.sqrt(v).mul_(inv).add_(inv_eps), value=-1.0)
+    p.addcdiv_(m, _moments_(g, m, v, inv, inv_eps, b1, b2), value=-1.0)
 
 
 def adam_decoder_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, inv: torch.Tensor,
@@ -68,11 +66,16 @@ def adam_decoder_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Te
     gradient's component along each row is removed before the moments see it (in place in `g`),
     the update's after Adam's per-element scaling, and the rows are renormalized after the step."""
     remove_parallel_(g, p)
-    m.lerp_(g, 1 - b1)
-    v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    update = torch.div(m, torch.sqrt(v).mul_(inv).add_(inv_eps))
+    update = torch.div(m, _moments_(g, m, v, inv, inv_eps, b1, b2))
     p.sub_(remove_parallel_(update, p))
     renormalize_rows_(p)
+
+
+def _moments_(g, m, v, inv, inv_eps, b1: float, b2: float) -> torch.Tensor:
+    """Adam's moments updated in place with `g`; returns the update's denominator sqrt(v) * inv + inv_eps."""
+    m.lerp_(g, 1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    return torch.sqrt(v).mul_(inv).add_(inv_eps)
 
 
 class Stages(NamedTuple):
