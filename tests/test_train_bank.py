@@ -189,6 +189,6 @@ def test_hand_gradients_equal_autograd(fuse, chunk_bytes, monkeypatch):
     loss = out.mse + l1 * out.l1 + out.aux
     loss.sum().backward()
     assert float(out.aux[1].detach()) > 0 and float(out.aux[2].detach()) > 0
-    torch.testing.assert_close(got.loss, loss.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.stats.loss, loss.detach(), rtol=1e-12, atol=1e-12)
     for k, p in g.named_parameters():
         torch.testing.assert_close(hand[k], p.grad, rtol=1e-10, atol=1e-10, msg=k)

@@ -67,19 +67,26 @@ class Output(NamedTuple):
     """(n,) smallest activation BatchTopK kept in this batch (inf for other members)."""
 
 
+class StepStats(NamedTuple):
+    """Per-member training statistics of one step (n,), on the device (no host sync)."""
+
+    loss: torch.Tensor
+    """mse + l1 coefficient * l1 + aux."""
+    mse: torch.Tensor
+    """Mean over rows of ||x - x_hat||^2."""
+    l1: torch.Tensor
+    """Mean over rows of sum z."""
+    l0: torch.Tensor
+    """Mean active latents per row."""
+    aux: torch.Tensor
+    """Weighted auxiliary dead-latent loss (0 where none is dead or for ReLU members)."""
+
+
 class StepOut(NamedTuple):
     """One group's training step (`SAEGroup.train_grads`): per member, on the device."""
 
-    loss: torch.Tensor
-    """(n,) mse + l1 coefficient * l1 + aux."""
-    mse: torch.Tensor
-    """(n,) mean over rows of ||x - x_hat||^2."""
-    l1: torch.Tensor
-    """(n,) mean over rows of sum z."""
-    l0: torch.Tensor
-    """(n,) mean active latents per row."""
-    aux: torch.Tensor
-    """(n,) weighted auxiliary dead-latent loss (0 where none is dead or for ReLU members)."""
+    stats: StepStats
+    """What the trainer logs."""
     fired: torch.Tensor
     """(n, d_sae) bool: latent fired on at least one row."""
     kept_min: torch.Tensor
@@ -386,7 +393,7 @@ class SAEGroup(nn.Module):
         self.W_dec.grad = g_dec
         self.b_dec.grad = g_bdec
         mse, l1, l0, aux, fired, kept_min = (torch.cat(t) if len(parts) > 1 else t[0] for t in zip(*parts))
-        return StepOut(mse + l1_coef * l1 + aux, mse, l1, l0, aux, fired, kept_min)
+        return StepOut(StepStats(mse + l1_coef * l1 + aux, mse, l1, l0, aux), fired, kept_min)
 
     def _aux_grads(self, pre_bs: torch.Tensor, g_bd: torch.Tensor, i: int, dpre_bs: torch.Tensor,
                    gw_sd: torch.Tensor, n_rows: int) -> torch.Tensor:

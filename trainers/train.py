@@ -17,7 +17,7 @@ import json
 import pathlib
 import time
 import warnings
-from typing import Iterable, NamedTuple
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -30,18 +30,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from . import fused
 from .config import SAEConfig, TrainConfig
 from .optim import BankAdam
-from .sae import SAEBank, StepOut, geometric_median
+from .sae import SAEBank, StepOut, StepStats, geometric_median
 from .schedules import lr_factor, sparsity_factor
-
-
-class StepStats(NamedTuple):
-    """Per-member training statistics of one step, on the device (no host sync)."""
-
-    loss: torch.Tensor
-    mse: torch.Tensor
-    l1: torch.Tensor
-    l0: torch.Tensor
-    aux: torch.Tensor
 
 
 def _world() -> tuple[int, int]:
@@ -151,10 +141,9 @@ def train_step(bank: SAEBank, opt: BankAdam, x_bd: torch.Tensor, step: int, n_st
                 fired = fired_f > 0
                 dist.all_reduce(kept_min, op=dist.ReduceOp.MIN)
             g.after_step(fired, x_bd.shape[0] * world, kept_min)
-    # By field name, not position: StepStats is a subset of StepOut's fields.
     if len(outs) == 1:
-        return StepStats(*(getattr(outs[0], f) for f in StepStats._fields))
-    return StepStats(*(torch.cat([getattr(o, f) for o in outs]) for f in StepStats._fields))
+        return outs[0].stats
+    return StepStats(*(torch.cat(t) for t in zip(*(o.stats for o in outs))))
 
 
 class MetricLogger:
