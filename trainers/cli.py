@@ -125,10 +125,10 @@ def main(store, hook, tokens, width, arch, l1, k, lr, sweep_fpath, parallel, bat
     n_pass = len(cfg.passes())
     click.echo(f"training {len(saes)} SAEs on {store} [{hook}, {tokens}, d={d_in}] in {n_pass} pass(es) -> {out_dpath}",
                err=True)
-    from .train import _world
+    from .distributed import rank_world
 
     rows = run_training(cfg, resume=resume)
-    if _world()[0] == 0:
+    if rank_world()[0] == 0:
         click.echo((pathlib.Path(out_dpath) / "table.md").read_text())
         click.echo(f"wrote {len(rows)} SAEs to {out_dpath} (table.csv, table.md, <sae>/metrics.json, <sae>/freq.png)", err=True)
 

@@ -34,7 +34,8 @@ from .export import export_sae
 from .metrics import HIST_EDGES, FVUAccumulator, SAEAccumulator
 from .sae import SAEBank
 from .sae_io import RUN_FNAME
-from .train import MetricLogger, _world, train_pass
+from .distributed import rank_world
+from .train import MetricLogger, train_pass
 
 TABLE_COLUMNS = ("name", "arch", "d_sae", "sparsity", "lr", "l0", "fvu", "mse", "n_dead", "n_almost_dead", "n_dense")
 RESUME_IGNORED = ("quiet", "device", "n_readers", "buffer_mb")
@@ -79,7 +80,7 @@ def _open_run_dir(cfg: TrainConfig, resume: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     info = {"store": cfg.store, "hook": cfg.hook, "tokens": cfg.tokens, "saes": [s.name for s in cfg.saes],
             "passes_done": [], "config": want}
-    if _world()[0] == 0:
+    if rank_world()[0] == 0:
         _write_json_atomic(run_fpath, info)
     return info
 
@@ -168,7 +169,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> list[dict]:
 
     if cfg.store is None:
         raise UserError("no store given; pass the path of a store written by `saev-store record`.")
-    rank, world = _world()
+    rank, world = rank_world()
     store = open_store(cfg.store)
     if cfg.hook not in store.hooks:
         raise UserError(f"hook {cfg.hook!r} is not in {cfg.store}; it has {', '.join(store.hooks)}. Pass one with --hook.")

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import SAEConfig
+from .distributed import rank_world
 from .fused import EAGER, Stages, latent_stats
 
 GEMM_ALIGN = 8
@@ -91,10 +92,6 @@ class StepOut(NamedTuple):
     """(n, d_sae) bool: latent fired on at least one row."""
     kept_min: torch.Tensor
     """(n,) smallest activation BatchTopK kept (inf for other members)."""
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _global_kth(vals_m1k: torch.Tensor, k_m: torch.Tensor) -> torch.Tensor:
@@ -210,7 +207,7 @@ class SAEGroup(nn.Module):
         if arch == "topk" or (arch == "batchtopk" and train):
             m, B, s = pre.shape
             k = self.k[a:b]
-            world = _world_size()
+            world = rank_world()[1]
             if arch == "topk":
                 flat, k_rows = pre, k
             else:  # BatchTopK: the k * B largest over the whole batch (all ranks' rows), per member

@@ -29,15 +29,10 @@ from saev_store.stats import Normalizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from . import fused
 from .config import SAEConfig, TrainConfig
+from .distributed import rank_world
 from .optim import BankAdam
 from .sae import SAEBank, StepOut, StepStats, geometric_median
 from .schedules import lr_factor, sparsity_factor
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def set_precision(cfg: TrainConfig) -> None:
@@ -90,7 +85,7 @@ def init_b_dec(bank: SAEBank, x_bd: torch.Tensor, how: str) -> None:
     if how == "zeros":
         return
     center = x_bd.float().mean(dim=0) if how == "mean" else geometric_median(x_bd.float())
-    _, world = _world()
+    _, world = rank_world()
     if world > 1:
         dist.all_reduce(center)
         center /= world
@@ -114,7 +109,7 @@ def train_step(bank: SAEBank, opt: BankAdam, x_bd: torch.Tensor, step: int, n_st
 
     `peak` (from `peak_lrs`) and `l1s` (from `l1_coefs`, built here when None) are per-group member
     vectors made once per pass, so a step allocates no small tensors from Python lists."""
-    _, world = _world()
+    _, world = rank_world()
     l1_f = sparsity_factor(step, cfg.l1_warmup_steps)
     lr_f = lr_factor(step, n_steps, cfg.warmup_steps, cfg.schedule, cfg.lr_min_frac)
     if l1s is None:
@@ -210,7 +205,7 @@ def train_pass(
     new one written every `cfg.ckpt_every` steps and at the end. Returns (bank, steps done), the bank
     on `cfg.device`; fewer steps than asked only when `batches` runs out first.
     """
-    rank, world = _world()
+    rank, world = rank_world()
     device = torch.device(cfg.device)
     set_precision(cfg)
     bank = SAEBank(saes, cfg.fuse_encoders).to(device)
