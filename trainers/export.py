@@ -25,9 +25,7 @@ from saev_store import __version__
 from saev_store.stats import Normalizer
 
 from .config import SAEConfig
-from .sae_io import CFG_FNAME, EXTRA_FNAME, SPARSITY_FNAME, WEIGHTS_FNAME
-
-SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu"}
+from .sae_io import CFG_FNAME, EXTRA_FNAME, SAELENS_ARCH, SPARSITY_FNAME, WEIGHTS_FNAME
 
 
 def fold_normalization(weights: dict[str, torch.Tensor], norm: Normalizer) -> dict[str, torch.Tensor]:

@@ -33,7 +33,9 @@ WEIGHTS_FNAME = "sae_weights.safetensors"
 SPARSITY_FNAME = "sparsity.safetensors"
 EXTRA_FNAME = "saev_extra.json"
 RUN_FNAME = "run.json"
-SAELENS_ARCHS = ("standard", "topk", "jumprelu")
+SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu"}
+"""Our architecture -> the `architecture` SAELens 6 loads (BatchTopK is exported as its JumpReLU form)."""
+SAELENS_ARCHS = tuple(SAELENS_ARCH.values())
 
 
 class SAE(nn.Module):
