@@ -12,7 +12,7 @@ from saev_store.datasets import create_dataset
 from saev_store.models.preprocess import PreprocessConfig
 from saev_store.store import open_store
 from tools.images import ImageReader, heatmap_tile, model_view
-from tools.render import pick_latents, render
+from tools.render import GridStyle, pick_latents, render
 from tools.topk import load_topk, run_topk
 from tools_helpers import make_sae, make_store
 
@@ -90,7 +90,7 @@ def test_render_shows_each_exemplar_image_under_its_heatmap(world):
     tmp_path, files = world
     data = load_topk(tmp_path / "topk")
     latents = pick_latents(data.stats, 3)
-    res = render(tmp_path / "topk", latents=latents, tile_px=32, quiet=True)
+    res = render(tmp_path / "topk", latents=latents, style=GridStyle(tile_px=32), quiet=True)
     assert res.warning is None and set(res.grids) == set(latents)
     checked = 0
     for i in latents:
@@ -119,7 +119,7 @@ def test_render_without_the_dataset_warns_and_draws_on_grey(world):
     shutil.rmtree(tmp_path / "data")
     data = load_topk(tmp_path / "topk")
     i = pick_latents(data.stats, 1)[0]
-    res = render(tmp_path / "topk", latents=[i], tile_px=32, quiet=True, rankings=("max",))
+    res = render(tmp_path / "topk", latents=[i], style=GridStyle(tile_px=32), quiet=True, rankings=("max",))
     assert res.warning and "dataset" in res.warning
     ex = data.stats.top["max"]
     filled = np.nonzero(ex.images[i] >= 0)[0]

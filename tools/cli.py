@@ -79,11 +79,11 @@ def topk(run_or_sae, store_path, out_dpath, hook, k, tau, memory_mb, block_image
 @_image_options
 def render(topk_dpath, sae, latents, n_latents, out_dpath, n_cols, tile_px, alpha, data_root, quiet):
     """Exemplar grids with patch heatmaps, the frequency/activation scatter and the frequency histogram."""
-    from .render import render as render_fn
+    from .render import GridStyle, render as render_fn
 
     res = render_fn(
-        topk_dpath, out_dpath, sae=sae, latents=_latent_list(latents), n_latents=n_latents, n_cols=n_cols,
-        tile_px=tile_px, alpha=alpha, data_root=data_root, quiet=quiet,
+        topk_dpath, out_dpath, sae=sae, latents=_latent_list(latents), n_latents=n_latents,
+        style=GridStyle(n_cols, tile_px, alpha), data_root=data_root, quiet=quiet,
     )
     click.echo(f"{len(res.grids)} latent(s) rendered")
     click.echo(f"render: {res.out_dpath}")
@@ -98,11 +98,12 @@ def render(topk_dpath, sae, latents, n_latents, out_dpath, n_cols, tile_px, alph
 @_image_options
 def report(topk_dpath, out_dpath, saes, latents, max_pages, n_cols, tile_px, alpha, data_root, quiet):
     """A static HTML report (opens from disk): sortable, filterable latent index and a page per latent."""
+    from .render import GridStyle
     from .report import build_report
 
     res = build_report(
-        topk_dpath, out_dpath, saes=list(saes) or None, latents=_latent_list(latents), max_pages=max_pages, n_cols=n_cols,
-        tile_px=tile_px, alpha=alpha, data_root=data_root, quiet=quiet,
+        topk_dpath, out_dpath, saes=list(saes) or None, latents=_latent_list(latents), max_pages=max_pages,
+        style=GridStyle(n_cols, tile_px, alpha), data_root=data_root, quiet=quiet,
     )
     click.echo(f"report: {res.index_fpath}")
 

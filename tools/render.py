@@ -50,7 +50,7 @@ def pick_latents(stats: LatentStats, n: int) -> list[int]:
 
 
 class GridStyle(NamedTuple):
-    """How exemplar grids are drawn (`render` and `build_report` take the same three options)."""
+    """How exemplar grids are drawn (`render` and `build_report` take one)."""
 
     n_cols: int = 4
     """Tiles per grid row."""
@@ -127,9 +127,7 @@ def render(
     latents: Sequence[int] | None = None,
     n_latents: int = 16,
     rankings: Sequence[str] = RANKINGS,
-    n_cols: int = 4,
-    tile_px: int | None = None,
-    alpha: float = 0.6,
+    style: GridStyle = GridStyle(),
     data_root: str | None = None,
     quiet: bool = False,
 ) -> RenderResult:
@@ -155,7 +153,6 @@ def render(
     if reader.warning:  # shown even with quiet: grey tiles need explaining
         print(f"warning: {reader.warning}", file=sys.stderr)
 
-    style = GridStyle(n_cols, tile_px, alpha)
     grids: dict = {}
     for i in tqdm(latents, desc="render", unit="latent", disable=quiet):
         grids[i] = {}

@@ -95,9 +95,7 @@ def build_report(
     saes: Sequence[str] | None = None,
     latents: Sequence[int] | None = None,
     max_pages: int = 128,
-    n_cols: int = 4,
-    tile_px: int | None = None,
-    alpha: float = 0.6,
+    style: GridStyle = GridStyle(),
     data_root: str | None = None,
     quiet: bool = False,
 ) -> ReportResult:
@@ -113,7 +111,6 @@ def build_report(
         src = importlib.resources.files("tools").joinpath("templates", a)
         (out / "assets" / a).write_bytes(src.read_bytes())
 
-    style = GridStyle(n_cols, tile_px, alpha)
     pages, rows, index, reader, image_ids = {}, [], None, None, None
     for name in names:
         data = load_topk(topk_dpath, name)
