@@ -48,19 +48,25 @@ def _time(fn, device, n_iter: int, n_warm: int = 2) -> float:
     return (time.perf_counter() - t0) / n_iter
 
 
-def step_fn(saes, cfg: TrainConfig, device):
-    """A closure running one training step of a fresh bank on a fixed random batch."""
+def make_trainer(saes, cfg: TrainConfig, device):
+    """(a fresh bank on `device`, `step(x)`: one training step of it on the batch x)."""
     bank = SAEBank(saes, cfg.fuse_encoders).to(device)
     opt = make_optimizer(bank, cfg)
     peak, l1s = peak_lrs(bank, cfg, device), l1_coefs(bank, device)
-    x = torch.randn(cfg.batch_size, cfg.d_in, device=device)
     state = {"step": 0}
 
-    def one():
+    def step(x):
         train_step(bank, opt, x, state["step"], 10**9, cfg, peak, l1s)
         state["step"] += 1
 
-    return one
+    return bank, step
+
+
+def step_fn(saes, cfg: TrainConfig, device):
+    """A closure running one training step of a fresh bank on a fixed random batch."""
+    _, step = make_trainer(saes, cfg, device)
+    x = torch.randn(cfg.batch_size, cfg.d_in, device=device)
+    return lambda: step(x)
 
 
 def step_seconds(saes, cfg: TrainConfig, device, n_iter: int) -> float:
@@ -91,14 +97,11 @@ def check_compiled(saes, cfg: TrainConfig, device, n_steps: int = 3) -> float:
     banks = []
     for comp in ("off", "on"):
         torch.manual_seed(0)
-        vcfg = dataclasses.replace(cfg, compile=comp)
-        bank = SAEBank(saes, cfg.fuse_encoders).to(device)
-        opt = make_optimizer(bank, vcfg)
-        peak, l1s = peak_lrs(bank, vcfg, device), l1_coefs(bank, device)
-        for step in range(n_steps):
-            train_step(bank, opt, torch.randn(cfg.batch_size, cfg.d_in, device=device), step, 10**9, vcfg, peak, l1s)
+        bank, step = make_trainer(saes, dataclasses.replace(cfg, compile=comp), device)
+        for _ in range(n_steps):
+            step(torch.randn(cfg.batch_size, cfg.d_in, device=device))
         banks.append({k: v.detach() for k, v in bank.named_parameters()})
-        del bank, opt
+        del bank, step
     return max(float((banks[0][k] - banks[1][k]).norm() / banks[0][k].norm()) for k in banks[0])
 
 
