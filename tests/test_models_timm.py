@@ -202,6 +202,25 @@ def test_non_token_hook_is_user_error(vit):
     assert vit.token_layout("head").cls == 0
 
 
+def test_recorder_feeds_timms_own_transform_and_forward(odd_images, tmp_path):
+    """Odd-sized JPEGs and grayscale PNGs: the recorder's input is timm's eval transform of the file (JPEGs
+    decoded at full size, torchvision's crop rule), and the store holds forward_intermediates of it."""
+    from conftest import open_rgb, record_fed
+
+    root, fpaths = odd_images
+    st, fed = record_fed(tmp_path / "s.zarr", model="timm:test_vit", dataset="folder", data=str(root), layers=(1,))
+    module = create_model("timm:test_vit").module  # the same seeded weights the recorder built
+    tf = timm.data.create_transform(**timm.data.resolve_data_config({}, model=module), is_training=False)
+    want = torch.stack([tf(open_rgb(p)) for p in fpaths])
+    assert fed.shape == want.shape == (len(fpaths), 3, 160, 160)
+    np.testing.assert_allclose(fed.numpy(), want.numpy(), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        (spatial, prefix), = module.forward_intermediates(
+            want, indices=[1], norm=False, output_fmt="NLC", return_prefix_tokens=True, intermediates_only=True
+        )
+    np.testing.assert_allclose(st.read("blocks.1", 0, len(fpaths)), torch.cat([prefix, spatial], 1).numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_channels_last_model_reads_nchw_modules_per_hook():
     """timm Swin is channels-last (its stages give (B, H, W, C)) but its patch_embed.proj is a Conv2d
     giving (B, C, H, W): each hook is read by its own shape, not by the model's layout."""
