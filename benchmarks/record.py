@@ -6,11 +6,15 @@
     creation and statistics included) and for its image loop alone;
 (b) write: store write throughput (`Store.write_block` through the background writer, synthetic
     activations, so writing is the bottleneck) divided by a raw sequential write of the same number
-    of bytes to the same disk, both ending with fsync (target >= 0.8).
+    of bytes to the same disk, both ending with fsync (target >= 0.8);
+(c) decode: images/s of the recorder's decode path in one process (`RecordDataset.model_input`: decode,
+    resize, crop to uint8) with --jpeg-draft-mpx divided by full-size decoding (the default), on the
+    same images; what opting into JPEG drafting buys per decoding worker (1.0 when nothing is drafted).
 
     python benchmarks/record.py                                  # EfficientNet-Lite0 on Fashion-MNIST, CPU
     python benchmarks/record.py --model timm:vit_base_patch16_224 --image-size 224 --n-images 64
     python benchmarks/record.py --device cuda --n-images 4096 --batch-size 256   # on a GPU
+    python benchmarks/record.py --dataset folder --data DIR --jpeg-draft-mpx 0  # photos, opt-in JPEG drafting
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def bench_overlap(args, tmp_dpath: str) -> dict:
         device=args.device,
         image_size=args.image_size,
         num_workers=args.num_workers,
+        jpeg_draft_mpx=args.jpeg_draft_mpx,
         quiet=True,
         overwrite=True,
     )
@@ -98,6 +103,29 @@ def res_images_per_chunk(warm_out: str, n_images: int) -> int:
     return fmt.images_per_chunk_for(max(st.hook(h).bytes_per_image for h in st.hooks), n_images)
 
 
+def bench_decode(args) -> dict:
+    from saev_store.datasets.torch_dataset import RecordDataset
+
+    model = create_model(args.model, device="cpu")
+    pre = model.preprocess if args.image_size is None else model.preprocess.with_overrides(image_size=args.image_size)
+    src = create_dataset(args.dataset, root=args.data, split=args.split)
+    n = min(args.n_images, len(src))
+    drafted = dataclasses.replace(pre, jpeg_draft_mpx=0.0 if args.jpeg_draft_mpx is None else args.jpeg_draft_mpx)
+
+    def images_per_s(p) -> float:
+        ds = RecordDataset.model_input(src, p)
+        t0 = time.perf_counter()
+        for i in range(n):
+            ds[i]
+        return n / (time.perf_counter() - t0)
+
+    images_per_s(pre)  # warm the page cache: both passes read the files from memory
+    full = (images_per_s(pre) + images_per_s(pre)) / 2  # around the drafted pass, as the VM's speed drifts
+    draft = images_per_s(drafted)
+    full = (full + images_per_s(pre)) / 2
+    return {"n": n, "full": full, "draft": draft, "ratio": draft / full, "mpx": drafted.jpeg_draft_mpx}
+
+
 def bench_write(args, tmp_dpath: str) -> dict:
     n_tokens, d = 197, 768  # a ViT-B/16 layer: the shape real stores hold
     lay = TokenLayout(n_tokens, cls=0, grid=(14, 14), grid_start=1)
@@ -145,8 +173,9 @@ def main():
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--jpeg-draft-mpx", type=float, default=None, help="opt into reduced JPEG decoding (as saev-store record)")
     p.add_argument("--write-mb", type=float, default=1024, help="bytes written by the write benchmark")
-    p.add_argument("--skip", choices=["overlap", "write"], action="append", default=[])
+    p.add_argument("--skip", choices=["overlap", "write", "decode"], action="append", default=[])
     p.add_argument("--dir", default=None, help="where to write (default: a temporary folder on this disk)")
     args = p.parse_args()
     tmp_dpath = tempfile.mkdtemp(prefix="saev-bench-", dir=args.dir or os.getcwd())
@@ -163,6 +192,12 @@ def main():
             print(
                 f"write    {r['bytes'] / 1e9:.2f} GB: store {r['store_mb_s']:.0f} MB/s, raw sequential write {r['raw_mb_s']:.0f} MB/s "
                 f"-> ratio {r['ratio']:.3f} (target >= 0.8)"
+            )
+        if "decode" not in args.skip:
+            r = bench_decode(args)
+            print(
+                f"decode   {r['n']} images of {args.dataset}, one process: full size {r['full']:.1f} img/s, "
+                f"--jpeg-draft-mpx {r['mpx']:g} {r['draft']:.1f} img/s -> ratio {r['ratio']:.2f}"
             )
     finally:
         shutil.rmtree(tmp_dpath, ignore_errors=True)

@@ -48,8 +48,9 @@ ROOT_FIELDS: dict[str, str] = {
     "keep_registers": "bool; whether ViT register tokens were kept.",
     "seed": "int or null; seed of the run that recorded the store.",
     "model": "object or null; the model's description: backend, name, spec, weights path, weights_sha256.",
-    "dataset": "object or null; the dataset's description: kind, root, split, n_images, class_names, fingerprint.",
-    "preprocessing": "object or null; image_size, resize, crop, interpolation, mean, std.",
+    "dataset": "object or null; the dataset's description: kind, root (the dataset directory as given, --data), split, "
+               "n_images, class_names, options, fingerprint; reopening kind at root with split gives the same images.",
+    "preprocessing": "object or null; how an image file became the model input (table below).",
     "class_names": "list of str or null; label index -> class name.",
     "complete": "bool; true once every chunk is done and the statistics are written.",
 }
@@ -67,6 +68,19 @@ LAYOUT_FIELDS: dict[str, str] = {
     "registers": "list of int; indices of kept register tokens.",
     "grid": "[h, w] or null; patch grid, row-major.",
     "grid_start": "int; index of the first patch token.",
+}
+
+PREPROCESSING_FIELDS: dict[str, str] = {
+    "image_size": "[height, width]; the model input in pixels.",
+    "resize": "int or null; crop center: the shorter side is resized to this; crop none: null.",
+    "crop": "str; center (resize the shorter side, centre crop) or none (resize the whole image to image_size).",
+    "interpolation": "str; PIL resampling filter: nearest, bilinear, bicubic, lanczos, box or hamming.",
+    "mean": "[r, g, b]; subtracted after scaling pixels to [0, 1].",
+    "std": "[r, g, b]; divides after the mean is subtracted.",
+    "crop_offset": "str; round: the crop starts at round((resized - crop) / 2), half to even (torchvision, timm, open_clip); "
+                   "floor: at (resized - crop) // 2 (HF image processors).",
+    "jpeg_draft_mpx": "float or null; null: every image decoded at full size; else JPEGs over this many megapixels decoded "
+                      "at 1/2, 1/4 or 1/8 scale, both sides staying >= resize.",
 }
 
 ARRAYS: dict[str, str] = {

@@ -84,6 +84,9 @@ class RecordConfig:
     """Override the normalization mean."""
     std: tuple[float, float, float] | None = None
     """Override the normalization std."""
+    jpeg_draft_mpx: float | None = None
+    """Opt-in reduced decoding: JPEGs over this many megapixels decode at 1/2-1/8 scale (never below the
+    resize). None (default): every image at full size, as the model's library would decode it."""
     quiet: bool = False
     """No progress bar."""
 
@@ -98,6 +101,8 @@ class RecordConfig:
             raise UserError(f"--limit must be at least 1 (got {self.limit}).")
         if not 8 <= self.chunk_mib <= 64:
             raise UserError(f"--chunk-mib {self.chunk_mib} is outside 8-64 MiB.")
+        if self.jpeg_draft_mpx is not None and not self.jpeg_draft_mpx >= 0:
+            raise UserError(f"--jpeg-draft-mpx {self.jpeg_draft_mpx} must be >= 0 megapixels (leave it out for full-size decoding).")
 
 
 class Result(dict):
@@ -202,6 +207,7 @@ def record(cfg: RecordConfig, on_progress: Callable[[int, int], None] | None = N
     if overrides:
         pre = pre.with_overrides(**overrides)
         model.preprocess = pre  # token layouts follow the input size (a CNN's grid, a ViT's patches)
+    pre = dataclasses.replace(pre, jpeg_draft_mpx=cfg.jpeg_draft_mpx)  # how files decode: stored, checked on resume
     hooks = resolve_hooks(model, cfg)
     specs = _probe_hooks(model, hooks, cfg, tuple(pre.image_size))
     meta = {
@@ -277,9 +283,7 @@ def _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all,
     from .datasets.torch_dataset import RecordDataset, collate
 
     batches = _chunk_batches(st, chunks, cfg.batch_size)
-    # Large JPEGs decode at a reduced scale that still covers the resize (libjpeg draft mode).
-    max_side = pre.resize if pre.resize else max(pre.image_size)
-    ds = RecordDataset(src, pre.to_uint8, indices=None, max_side=max_side)
+    ds = RecordDataset.model_input(src, pre)
     loader = torch.utils.data.DataLoader(
         ds,
         batch_sampler=batches,

@@ -39,3 +39,58 @@ def make_store(path, acts: dict, *, images_per_chunk=4, store_dtype="float32", l
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# Odd-sized photos for the preprocessing oracles: RGB JPEGs and grayscale PNGs whose sizes exercise the
+# resize's truncation, both crop-offset rules and (on main before issue 19) JPEG draft decoding.
+ODD_JPEGS = ((480, 480), (640, 480), (512, 512), (801, 600))
+ODD_GRAY_PNGS = ((303, 200), (339, 203))
+
+
+@pytest.fixture(scope="session")
+def odd_images(tmp_path_factory):
+    """A flat folder of skimage's astronaut photo resized to ODD_JPEGS (RGB JPEG, quality 90) and
+    ODD_GRAY_PNGS (grayscale PNG): (root, file paths in the folder dataset's order)."""
+    from PIL import Image
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("odd") / "images"
+    root.mkdir()
+    photo = Image.fromarray(data.astronaut())
+    for w, h in ODD_JPEGS:
+        photo.resize((w, h), Image.Resampling.LANCZOS).save(root / f"rgb_{w}x{h}.jpg", quality=90)
+    for w, h in ODD_GRAY_PNGS:
+        photo.resize((w, h), Image.Resampling.LANCZOS).convert("L").save(root / f"gray_{w}x{h}.png")
+    return root, sorted(root.iterdir())
+
+
+def record_fed(out, **cfg):
+    """Record with the real recorder, in this process, and also return what it fed the model: the float
+    (n, 3, H, W) input of every batch, in image order. Returns (store, fed)."""
+    import torch
+
+    from saev_store.models.base import VisionModel
+    from saev_store.record import RecordConfig, record
+    from saev_store.store import open_store
+
+    calls = []
+    capture = VisionModel.capture
+
+    def spy(self, x, *args, **kwargs):
+        calls.append(x.detach().float().cpu().clone())
+        return capture(self, x, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(VisionModel, "capture", spy)
+        record(RecordConfig(out=str(out), quiet=True, num_workers=0, **cfg))
+    probe, batches = calls[0], calls[1:]
+    assert probe.shape[0] == 1 and not probe.any(), "the recorder's first capture is its blank probe"
+    return open_store(str(out)), torch.cat(batches)
+
+
+def open_rgb(fpath):
+    """What every library's loader hands its transform: the file opened by PIL, converted to RGB."""
+    from PIL import Image
+
+    with Image.open(fpath) as img:
+        return img.convert("RGB")

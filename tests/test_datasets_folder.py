@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from saev_store.datasets import BadImageError, create_dataset, to_rgb
+from saev_store.datasets import BadImageError, create_dataset, reopen_dataset, to_rgb
 from saev_store.errors import UserError
 
 H, W = 5, 7
@@ -171,8 +171,17 @@ def test_split_subfolders(tmp_path):
     _save_rgb(root / "train" / "y" / "2.png")
     _save_rgb(root / "val" / "y" / "3.png")
     src = create_dataset("folder", root=str(root), split="val")
-    assert src.split == "val" and src.root == str(root / "val")
+    assert src.split == "val" and src.root == str(root)
     assert src.image_ids() == ["y/3.png"] and src.class_names == ["y"]
+    # The recorded (root, split) pair reopens the same images: same ids, same fingerprint.
+    d = src.describe()
+    again = create_dataset("folder", root=d["root"], split=d["split"])
+    assert again.image_ids() == src.image_ids() and again.fingerprint() == d["fingerprint"]
+    assert reopen_dataset(d).fingerprint() == d["fingerprint"]
+    # Stores recorded before the fix hold root=<root>/val with split "val"; that pair still reopens them.
+    legacy = {**d, "root": str(root / "val")}
+    assert reopen_dataset(legacy).fingerprint() == d["fingerprint"]
+    assert np.array_equal(np.asarray(reopen_dataset(legacy).load(0)), np.asarray(src.load(0)))
     with pytest.raises(UserError, match="holds split folders.*train, val.*--split"):
         create_dataset("folder", root=str(root))
     with pytest.raises(UserError, match="no split 'test'.*train, val"):

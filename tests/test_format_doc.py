@@ -38,6 +38,13 @@ def test_layout_fields_match():
     assert doc_table("## Token layout") == fmt.LAYOUT_FIELDS
 
 
+def test_preprocessing_fields_match():
+    from saev_store.models.preprocess import PreprocessConfig
+
+    assert doc_table("## Preprocessing") == fmt.PREPROCESSING_FIELDS
+    assert list(PreprocessConfig().to_dict()) == list(fmt.PREPROCESSING_FIELDS)  # what a store holds
+
+
 def test_arrays_match():
     assert doc_table("## Arrays") == fmt.ARRAYS
 

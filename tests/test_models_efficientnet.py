@@ -150,3 +150,26 @@ def test_random_lite1_is_reproducible():
     assert a.preprocess.image_size == (240, 240)
     for (ka, va), (kb, vb) in zip(a.module.state_dict().items(), b.module.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+def test_recorder_feeds_the_reference_preprocessing_of_full_size_photos(odd_images, tmp_path, lite0):
+    """Real weights on odd-sized JPEG photos and grayscale PNGs: the recorder's input is the reference
+    preprocessing (torchvision Resize(256, bicubic) + CenterCrop(224), mean 127/255, std 128/255) of the
+    file decoded at full size, so the stored blocks and the class probabilities are the library's."""
+    from torchvision import transforms as T
+
+    from conftest import open_rgb, record_fed
+
+    root, fpaths = odd_images
+    st, fed = record_fed(tmp_path / "s.zarr", dataset="folder", data=str(root), layers=(15,))
+    tf = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                    T.Normalize((127 / 255,) * 3, (128 / 255,) * 3)])
+    want = torch.stack([tf(open_rgb(p)) for p in fpaths])
+    assert fed.shape == want.shape
+    np.testing.assert_allclose(fed.numpy(), want.numpy(), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        ref = _manual_blocks(lite0.module, want, 15)
+    np.testing.assert_allclose(st.read("_blocks.15", 0, len(fpaths)), ref.flatten(2).transpose(1, 2).numpy(), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        p_fed, p_want = lite0.classify(fed).softmax(-1), lite0.module(want).softmax(-1)
+    np.testing.assert_allclose(p_fed.numpy(), p_want.numpy(), rtol=0, atol=1e-5)

@@ -120,15 +120,21 @@ def test_preprocessor_config_is_read_and_matches_hf(tmp_path):
     pp = vm.preprocess
     assert (pp.image_size, pp.resize, pp.crop, pp.interpolation) == ((32, 32), 32, "center", "bicubic")
     np.testing.assert_allclose(pp.mean, proc.image_mean) and np.testing.assert_allclose(pp.std, proc.image_std)
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
-    want = proc(images=img, return_tensors="pt")["pixel_values"][0]
-    got = pp.transform(img)
-    assert got.shape == want.shape
-    # HF resizes through its own path and may round a resampled pixel the other way: at most one
-    # 8-bit level per pixel, and rarely.
+    pil_proc = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, resample=3)
     one_level = (1 / 255) / min(proc.image_std)
-    assert (got - want).abs().max() <= one_level * 1.01
-    assert (got - want).abs().mean() < one_level / 20
+    # 71x48 resizes to 47x32: the crop starts at floor(15 / 2) = 7 in HF, round(7.5) = 8 in torchvision.
+    for h, w in [(50, 70), (48, 71), (203, 339), (200, 303)]:
+        img = Image.fromarray(np.random.default_rng(w).integers(0, 256, (h, w, 3), dtype=np.uint8))
+        got = pp.transform(img)
+        # HF's PIL backend resizes with PIL as we do: the same tensor.
+        np.testing.assert_allclose(got.numpy(), pil_proc(images=img, return_tensors="pt")["pixel_values"][0].numpy(), rtol=0, atol=1e-5)
+        # Its default torchvision backend resizes with torch's uint8 kernels and may round a resampled
+        # pixel the other way: at most one 8-bit level per pixel, and rarely.
+        want = proc(images=img, return_tensors="pt")["pixel_values"][0]
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= one_level * 1.01
+        assert (got - want).abs().mean() < one_level / 20
+    assert pp.crop_offset == "floor"
 
 
 def test_describe_hashes_weight_files(tmp_path):
@@ -150,3 +156,49 @@ def test_not_a_model_dir(tmp_path):
         create_model(f"hf:{tmp_path}")
     with pytest.raises(UserError, match="not a local directory"):
         create_model("hf:google/vit-base-patch16-224")
+
+
+IMAGENET = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+# Tiny random models with the processors their real checkpoints ship (google/vit-base-patch16-224,
+# openai/clip-vit-base-patch32, facebook/dinov2-base, microsoft/resnet-50), at their real sizes.
+PROCESSED = {
+    "vit": (lambda: transformers.ViTModel(transformers.ViTConfig(image_size=224, patch_size=32, **VIT_KW)),
+            "ViTImageProcessor", dict(size={"height": 224, "width": 224}, resample=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)),
+    "clip": (lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(image_size=224, patch_size=32, **VIT_KW)),
+             "CLIPImageProcessor", dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3)),
+    "dinov2": (lambda: transformers.Dinov2Model(transformers.Dinov2Config(image_size=224, patch_size=32, **VIT_KW)),
+               "BitImageProcessor", dict(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, resample=3, **IMAGENET)),
+    "resnet": (lambda: transformers.ResNetModel(transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], layer_type="basic")),
+               "ConvNextImageProcessor", dict(size={"shortest_edge": 224}, crop_pct=0.875, resample=3, **IMAGENET)),
+}
+
+
+@pytest.mark.parametrize("kind", list(PROCESSED))
+def test_recorder_feeds_the_image_processors_own_input_and_forward(kind, odd_images, tmp_path):
+    """Odd-sized JPEGs and grayscale PNGs through hf:DIR with its preprocessor_config.json: the recorder's
+    input is the HF processor's (its centre crop starts at floor((size - crop) / 2)), exactly the PIL
+    backend's and within one grey level of the default torchvision backend's; the store holds the
+    model's own hidden_states of it."""
+    from conftest import open_rgb, record_fed
+
+    root, fpaths = odd_images
+    make, proc_name, proc_kw = PROCESSED[kind]
+    torch.manual_seed(0)
+    ref = make().eval()
+    dpath = _save(tmp_path, kind, ref)
+    getattr(transformers, proc_name)(**proc_kw).save_pretrained(dpath)
+    st, fed = record_fed(tmp_path / "s.zarr", model=f"hf:{dpath}", dataset="folder", data=str(root), layers=(1,))
+    images = [open_rgb(p) for p in fpaths]
+    pil = getattr(transformers, f"{proc_name}Pil")(**proc_kw)(images=images, return_tensors="pt")["pixel_values"]
+    default = transformers.AutoImageProcessor.from_pretrained(dpath)(images=images, return_tensors="pt")["pixel_values"]
+    assert fed.shape == pil.shape == default.shape == (len(fpaths), 3, 224, 224)
+    np.testing.assert_allclose(fed.numpy(), pil.numpy(), rtol=0, atol=1e-5)
+    one_level = (1 / 255) / min(proc_kw.get("image_std", transformers.CLIPImageProcessor().image_std))
+    assert (fed - default).abs().max() <= one_level * 1.01
+    with torch.no_grad():
+        want = ref(pixel_values=pil, output_hidden_states=True).hidden_states[2]
+    if want.ndim == 4:
+        want = want.flatten(2).transpose(1, 2)
+    hook = st.hooks[0]
+    np.testing.assert_allclose(st.read(hook, 0, len(fpaths)), want.numpy(), rtol=1e-4, atol=1e-4)
+    assert st.attrs["preprocessing"]["crop_offset"] == "floor"

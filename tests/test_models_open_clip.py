@@ -133,3 +133,19 @@ def test_unknown_name_and_wrong_checkpoint(tmp_path, tiny_name):
     torch.save({"visual.conv1.weight": torch.zeros(1)}, fpath)
     with pytest.raises(UserError, match="does not fit"):
         create_model(f"open_clip:{tiny_name}", weights=str(fpath))
+
+
+def test_recorder_feeds_open_clips_own_transform_and_forward(odd_images, tmp_path, tiny_name):
+    """Odd-sized JPEGs and grayscale PNGs: the recorder's input is open_clip's own preprocess_val of the
+    file (JPEGs decoded at full size), and the store holds the resblock outputs of it."""
+    from conftest import open_rgb, record_fed
+
+    root, fpaths = odd_images
+    st, fed = record_fed(tmp_path / "s.zarr", model=f"open_clip:{tiny_name}", dataset="folder", data=str(root), layers=(2,))
+    with open_clip_rng():
+        _, _, preprocess_val = open_clip.create_model_and_transforms(tiny_name, pretrained=None)
+    want = torch.stack([preprocess_val(open_rgb(p)) for p in fpaths])
+    assert fed.shape == want.shape == (len(fpaths), 3, 32, 32)
+    np.testing.assert_allclose(fed.numpy(), want.numpy(), rtol=0, atol=1e-6)
+    visual = create_model(f"open_clip:{tiny_name}").module  # the same seeded weights the recorder built
+    np.testing.assert_allclose(st.read("transformer.resblocks.2", 0, len(fpaths)), _manual(visual, want, 2).numpy(), rtol=1e-5, atol=1e-5)

@@ -200,3 +200,65 @@ def test_non_token_hook_is_user_error(vit):
     out = vit.capture(_x(1, 32, 32), ["head"])["head"]
     assert out.shape == (1, 1, 10)
     assert vit.token_layout("head").cls == 0
+
+
+def test_recorder_feeds_timms_own_transform_and_forward(odd_images, tmp_path):
+    """Odd-sized JPEGs and grayscale PNGs: the recorder's input is timm's eval transform of the file (JPEGs
+    decoded at full size, torchvision's crop rule), and the store holds forward_intermediates of it."""
+    from conftest import open_rgb, record_fed
+
+    root, fpaths = odd_images
+    st, fed = record_fed(tmp_path / "s.zarr", model="timm:test_vit", dataset="folder", data=str(root), layers=(1,))
+    module = create_model("timm:test_vit").module  # the same seeded weights the recorder built
+    tf = timm.data.create_transform(**timm.data.resolve_data_config({}, model=module), is_training=False)
+    want = torch.stack([tf(open_rgb(p)) for p in fpaths])
+    assert fed.shape == want.shape == (len(fpaths), 3, 160, 160)
+    np.testing.assert_allclose(fed.numpy(), want.numpy(), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        (spatial, prefix), = module.forward_intermediates(
+            want, indices=[1], norm=False, output_fmt="NLC", return_prefix_tokens=True, intermediates_only=True
+        )
+    np.testing.assert_allclose(st.read("blocks.1", 0, len(fpaths)), torch.cat([prefix, spatial], 1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_model_reads_nchw_modules_per_hook():
+    """timm Swin is channels-last (its stages give (B, H, W, C)) but its patch_embed.proj is a Conv2d
+    giving (B, C, H, W): each hook is read by its own shape, not by the model's layout."""
+    swin = create_model("timm:swin_tiny_patch4_window7_224", embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
+    assert swin.channels_last
+    x = _x(2, 224, 224, 3)
+    got = swin.capture(x, ["patch_embed.proj", "patch_embed.norm", "layers.0"])
+    m = swin.module
+    with torch.no_grad():
+        conv = torch.nn.functional.conv2d(x, m.patch_embed.proj.weight, m.patch_embed.proj.bias, stride=4)  # (B, 32, 56, 56)
+        (stage0,) = m.forward_intermediates(x, indices=[0], intermediates_only=True)  # timm returns NCHW
+    assert got["patch_embed.proj"].shape == (2, 56 * 56, 32)
+    np.testing.assert_allclose(got["patch_embed.proj"].numpy(), conv.flatten(2).transpose(1, 2).numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["layers.0"].numpy(), stage0.flatten(2).transpose(1, 2).numpy(), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        norm = m.patch_embed.norm(conv.permute(0, 2, 3, 1))  # timm's PatchEmbed: NHWC into its LayerNorm
+    np.testing.assert_allclose(got["patch_embed.norm"].numpy(), norm.flatten(1, 2).numpy(), rtol=1e-5, atol=1e-5)
+    for hook in ("patch_embed.proj", "patch_embed.norm", "layers.0"):
+        lay = swin.token_layout(hook)
+        assert (lay.grid, lay.n_tokens) == ((56, 56), 56 * 56), hook
+
+
+def test_nchw_model_reads_nhwc_modules_per_hook():
+    """The reverse: timm ConvNeXt is NCHW, but each block permutes to (B, H, W, C) for its LayerNorm and MLP."""
+    cnx = create_model("timm:test_convnext")
+    assert not cnx.channels_last
+    x = _x(1, 160, 160, 4)
+    raw = {}
+    block = cnx.module.stages[0].blocks[0]
+    handles = [block.norm.register_forward_hook(lambda m, i, o: raw.setdefault("norm", o)),
+               block.conv_dw.register_forward_hook(lambda m, i, o: raw.setdefault("conv_dw", o))]
+    try:
+        got = cnx.capture(x, ["stages.0.blocks.0.norm", "stages.0.blocks.0.conv_dw"])
+    finally:
+        for h in handles:
+            h.remove()
+    c = raw["conv_dw"].shape[1]
+    assert raw["norm"].shape[-1] == c  # really (B, H, W, C) inside
+    np.testing.assert_allclose(got["stages.0.blocks.0.norm"].numpy(), raw["norm"].flatten(1, 2).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(got["stages.0.blocks.0.conv_dw"].numpy(), raw["conv_dw"].flatten(2).transpose(1, 2).numpy(), rtol=1e-6)
+    assert cnx.token_layout("stages.0.blocks.0.norm").grid == tuple(raw["conv_dw"].shape[2:])

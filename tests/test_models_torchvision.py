@@ -123,3 +123,19 @@ def test_vit_tokens_and_layers():
 def test_unknown_name_suggests():
     with pytest.raises(UserError, match="resnet18"):
         create_model("torchvision:resnet19")
+
+
+def test_recorder_feeds_the_weights_own_transform_and_forward(odd_images, tmp_path, r18):
+    """Odd-sized JPEGs and grayscale PNGs: the recorder's input is the DEFAULT weights' transforms() of the
+    file (JPEGs decoded at full size), and the store holds the stage outputs of it."""
+    from conftest import open_rgb, record_fed
+
+    root, fpaths = odd_images
+    st, fed = record_fed(tmp_path / "s.zarr", model="torchvision:resnet18", dataset="folder", data=str(root), layers=(3,))
+    tf = tv.models.ResNet18_Weights.DEFAULT.transforms()
+    want = torch.stack([tf(open_rgb(p)) for p in fpaths])
+    assert fed.shape == want.shape == (len(fpaths), 3, 224, 224)
+    np.testing.assert_allclose(fed.numpy(), want.numpy(), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        ref = _manual(r18.module, want, 3)  # r18 has the recorder's seeded weights
+    np.testing.assert_allclose(st.read("layer4", 0, len(fpaths)), ref.flatten(2).transpose(1, 2).numpy(), rtol=1e-4, atol=1e-4)

@@ -5,6 +5,7 @@ weights file, a forward hook placed by the test, and preprocessing done by hand 
 Oracle for resuming: a bitwise comparison with an uninterrupted recording.
 """
 
+import dataclasses
 import gzip
 import json
 import os
@@ -243,3 +244,39 @@ def test_unknown_hook_lists_the_modules(tmp_path):
 def test_missing_dataset_says_how_to_get_it(tmp_path):
     with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
         record(RecordConfig(out=str(tmp_path / "s.zarr"), data=str(tmp_path / "nothing"), limit=2, quiet=True))
+
+
+def test_jpeg_draft_is_opt_in_recorded_and_checked_on_resume(odd_images, tmp_path):
+    """`--jpeg-draft-mpx` opts into reduced JPEG decoding; the store records it, and a rerun with another
+    value (or without it) is refused like any other preprocessing difference."""
+    from click.testing import CliRunner
+
+    from saev_store.cli import main
+    from saev_store.datasets import JpegDraft, create_dataset
+    from saev_store.datasets.torch_dataset import RecordDataset
+    from saev_store.models.preprocess import PreprocessConfig
+
+    root, fpaths = odd_images
+    out = str(tmp_path / "d.zarr")
+    args = ["record", "--out", out, "--dataset", "folder", "--data", str(root), "--num-workers", "0", "--quiet"]
+    runner = CliRunner()
+    res = runner.invoke(main, [*args, "--jpeg-draft-mpx", "0.3"])
+    assert res.exit_code == 0, res.output
+    st = open_store(out)
+    pre = PreprocessConfig.from_dict(st.attrs["preprocessing"])
+    assert pre.jpeg_draft_mpx == 0.3 and pre.jpeg_draft() == JpegDraft(min_side=256, above_px=300_000)
+    # What the store's images were decoded from: JPEGs over 0.3 Mpx at the smallest scale keeping both sides
+    # >= 256 (801x600 at 1/2, libjpeg rounding up; 640x480 cannot halve), the rest at full size (512x512 would halve, but is 0.26 Mpx).
+    src = create_dataset("folder", root=str(root))
+    sizes = {rel: src.load(i, draft=pre.jpeg_draft()).size for i, rel in enumerate(src.image_ids())}
+    assert sizes["rgb_801x600.jpg"] == (401, 300) and sizes["rgb_640x480.jpg"] == (640, 480)
+    assert sizes["rgb_512x512.jpg"] == (512, 512) and sizes["gray_303x200.png"] == (303, 200)
+    full = RecordDataset.model_input(src, dataclasses.replace(pre, jpeg_draft_mpx=None))
+    drafted = RecordDataset.model_input(src, pre)
+    same = {rel: torch.equal(full[i][1], drafted[i][1]) for i, rel in enumerate(src.image_ids())}
+    assert not same["rgb_801x600.jpg"] and same["rgb_512x512.jpg"] and same["gray_339x203.png"]
+    for other in ([], ["--jpeg-draft-mpx", "1"]):
+        res = runner.invoke(main, [*args, *other])
+        assert res.exit_code == 2 and "jpeg_draft_mpx" in res.output and "0.3" in res.output, res.output
+    res = runner.invoke(main, [*args, "--jpeg-draft-mpx", "0.3"])
+    assert res.exit_code == 0 and "already complete" in res.output

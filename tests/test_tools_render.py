@@ -11,7 +11,7 @@ from PIL import Image
 from saev_store.datasets import create_dataset
 from saev_store.models.preprocess import PreprocessConfig
 from saev_store.store import open_store
-from tools.images import ImageReader, heatmap_tile, model_view
+from tools.images import ImageReader, heatmap_tile
 from tools.render import GridStyle, pick_latents, render
 from tools.topk import load_topk, run_topk
 from tools_helpers import make_sae, make_store
@@ -49,11 +49,11 @@ def world(tmp_path):
     return tmp_path, files
 
 
-def test_model_view_is_the_recorders_resize_and_crop(world):
+def test_reader_shows_the_recorders_resize_and_crop(world):
     tmp_path, files = world
-    src = create_dataset("folder", root=str(tmp_path / "data"))
+    reader = ImageReader.for_store_attrs(open_store(tmp_path / "s.zarr").attrs)
     for i in (0, 7, 29):
-        got = model_view(src.load(i), PRE).astype(np.int16)
+        got = reader.get(i).astype(np.int16)
         assert got.shape == (32, 32, 3)
         assert np.abs(got - _pil_view(files[i])).max() <= 1
 
@@ -152,3 +152,87 @@ def test_pick_latents_spreads_over_frequency(world):
         assert s.freq_image[got].min() == s.freq_image[alive].min()
         assert s.freq_image[got].max() == s.freq_image[alive].max()
     assert pick_latents(s, 10_000) == alive.tolist()
+
+
+def _split_layout(tmp_path, fpaths):
+    """The default split layout, DIR/train/<class>/<image> and DIR/val/<class>/<image>, from the odd photos."""
+    dpath = tmp_path / "splits"
+    for j, fpath in enumerate(fpaths):
+        (dpath / "train" / f"c{j % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(fpath, dpath / "train" / f"c{j % 2}" / fpath.name)
+    (dpath / "val" / "c0").mkdir(parents=True)
+    shutil.copy(fpaths[0], dpath / "val" / "c0" / fpaths[0].name)
+    return dpath
+
+
+def _as_uint8(fed, st):
+    """The recorder's float input back to 8-bit RGB (H, W, 3): exact, since it was (u / 255 - mean) / std."""
+    pre = PreprocessConfig.from_dict(st.attrs["preprocessing"])
+    mean, std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
+    u8 = ((fed * std + mean) * 255).round()
+    assert u8.min() >= 0 and u8.max() <= 255
+    return u8.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.fixture(scope="module")
+def split_world(odd_images, tmp_path_factory):
+    """EfficientNet-Lite0 recorded with `--data DIR --split train` over odd-sized JPEG photos and PNGs."""
+    from conftest import record_fed
+
+    _, fpaths = odd_images
+    tmp_path = tmp_path_factory.mktemp("split_world")
+    dpath = _split_layout(tmp_path, fpaths)
+    st, fed = record_fed(tmp_path / "lite0.zarr", dataset="folder", data=str(dpath), split="train", layers=(15,))
+    return tmp_path, dpath, st, _as_uint8(fed, st)
+
+
+def test_tiles_are_the_models_input_pixel_for_pixel(odd_images, tmp_path):
+    """Exemplar tiles go through the recorder's own decode path: each equals what the model was fed, as
+    8-bit RGB, for full-size decoding (the default) and for opt-in drafting (recorded in the store)."""
+    from conftest import record_fed
+
+    root, _ = odd_images
+    for name, draft in (("full", None), ("draft", 0)):
+        opt_in = {} if draft is None else {"jpeg_draft_mpx": draft}
+        st, fed = record_fed(tmp_path / f"{name}.zarr", dataset="folder", data=str(root), layers=(15,), **opt_in)
+        fed_u8 = _as_uint8(fed, st)
+        reader = ImageReader.for_store_attrs(st.attrs)
+        assert reader.warning is None
+        for i in range(st.n_images):  # 480x480 and 640x480 JPEGs: the tile reader used to decode them at 1/2 scale
+            np.testing.assert_array_equal(reader.get(i), fed_u8[i], err_msg=f"{name} {st.image_ids()[i]}")
+        assert st.attrs["preprocessing"]["jpeg_draft_mpx"] == draft
+        if draft is None:
+            full = fed_u8
+    changed = [st.image_ids()[i] for i in range(st.n_images) if not np.array_equal(fed_u8[i], full[i])]
+    assert changed and all(rel.endswith(".jpg") for rel in changed)  # drafting changes JPEG pixels, only those
+
+
+def test_split_folder_store_reopens_and_renders_real_pixels(split_world):
+    """`--data DIR --split train` records (DIR, train), which reopens the same images: render draws the
+    model's input, not grey. A store recorded before the fix, (DIR/train, train), still opens."""
+    tmp_path, dpath, st, fed_u8 = split_world
+    assert (st.attrs["dataset"]["root"], st.attrs["dataset"]["split"]) == (str(dpath), "train")
+    legacy = {**st.attrs, "dataset": {**st.attrs["dataset"], "root": str(dpath / "train")}}
+    for attrs in (st.attrs, legacy):
+        reader = ImageReader.for_store_attrs(attrs)
+        assert reader.warning is None
+        np.testing.assert_array_equal(reader.get(1), fed_u8[1])
+    hook, grid = "_blocks.15", st.hook("_blocks.15").layout.grid
+    sae = make_sae(st.hook(hook).d, 8, seed=2)
+    sae.extra["hook"] = hook
+    run_topk({"a": sae}, st.path, tmp_path / "topk", k=4, quiet=True)
+    data = load_topk(tmp_path / "topk")
+    latents = pick_latents(data.stats, 2)
+    res = render(tmp_path / "topk", latents=latents, style=GridStyle(tile_px=224), quiet=True, rankings=("max",))
+    assert res.warning is None and latents
+    px = 224 // grid[0]
+    n_off = 0
+    for i in latents:
+        ex = data.stats.top["max"]
+        filled = np.nonzero(ex.images[i] >= 0)[0]
+        for j, tile in zip(filled, _tiles(res.grids[i]["max"], filled.size, 224)):
+            off = np.kron((ex.patches[i, j] == 0).reshape(grid), np.ones((px, px), bool))
+            # Where the latent is off the tile is the model's input, exactly; not grey.
+            np.testing.assert_array_equal(tile[off], fed_u8[int(ex.images[i, j])][off])
+            n_off += int(off.sum())
+    assert n_off > 0

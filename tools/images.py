@@ -1,10 +1,10 @@
 """Store images as the model saw them, patch heatmaps over them, and grids of tiles.
 
-Store image i is dataset image i of the dataset the store records (`store.attrs["dataset"]`). It is shown
-resized and cropped exactly as the recorder's preprocessing did (`PreprocessConfig.transform`, then the
-normalization undone), so a heatmap's patch grid lies on the pixels the patches covered. When the dataset
-cannot be opened (moved, deleted, changed since recording) every tile is a grey square under its heatmap
-and `ImageReader.warning` says why; nothing crashes.
+Store image i is dataset image i of the dataset the store records (`store.attrs["dataset"]`). It is read
+through the recorder's own decode path (`RecordDataset.model_input` with the store's preprocessing), so a
+tile is the model's input as 8-bit RGB pixel for pixel and a heatmap's patch grid lies on the pixels the
+patches covered. When the dataset cannot be opened (moved, deleted, changed since recording) every tile is
+a grey square under its heatmap and `ImageReader.warning` says why; nothing crashes.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ class ImageReader:
                 self.warning = f"the store's preprocessing {preprocessing} could not be read ({err}); images are shown unresized"
         self.size_hw = tuple(self.preprocess.image_size) if self.preprocess else None
         self.src = self._open(dataset, n_store_images, data_root)
+        self._inputs = None
+        if self.src is not None and self.preprocess is not None:
+            from saev_store.datasets.torch_dataset import RecordDataset
+
+            self._inputs = RecordDataset.model_input(self.src, self.preprocess)
         # Exemplars repeat across latents; a small per-reader cache saves re-decoding them.
         self.get = functools.lru_cache(maxsize=512)(self._get)
 
@@ -44,9 +49,9 @@ class ImageReader:
             return None
         root = data_root or dataset.get("root")
         try:
-            from saev_store.datasets import create_dataset
+            from saev_store.datasets import reopen_dataset
 
-            src = create_dataset(dataset["kind"], root=root, split=dataset.get("split") or None, **(dataset.get("options") or {}))
+            src = reopen_dataset(dataset, root=data_root)
         except Exception as err:  # missing folder, moved files, a dataset kind this install lacks...
             self.warning = (
                 f"cannot open the store's dataset ({dataset.get('kind')} at {root}): {err}; exemplars are shown as heatmaps "
@@ -76,22 +81,15 @@ class ImageReader:
         if self.src is None:
             return None
         try:
-            img = self.src.load(int(i), max_side=None if self.size_hw is None else max(self.size_hw))
+            if self._inputs is None:  # a store without preprocessing: the image as decoded
+                return np.asarray(self.src.load(int(i)), dtype=np.uint8)
+            _, x_chw, ok, reason = self._inputs[int(i)]
         except Exception as err:  # one bad image: show grey for it, say so once
-            warnings.warn(f"image {i} could not be read ({err}); its tile is grey.", stacklevel=2)
+            reason, ok = str(err), False
+        if not ok:
+            warnings.warn(f"image {i} could not be read ({reason}); its tile is grey.", stacklevel=2)
             return None
-        return model_view(img, self.preprocess)
-
-
-def model_view(img: Image.Image, preprocess) -> np.ndarray:
-    """(H, W, 3) uint8 of what the model saw: the recorder's resize and crop, normalization undone."""
-    if preprocess is None:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    x_chw = preprocess.transform(img).numpy()
-    mean = np.asarray(preprocess.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(preprocess.std, dtype=np.float32)[:, None, None]
-    rgb = np.clip(np.rint((x_chw * std + mean) * 255), 0, 255).astype(np.uint8)
-    return rgb.transpose(1, 2, 0)
+        return x_chw.permute(1, 2, 0).numpy()
 
 
 @functools.lru_cache(maxsize=8)

@@ -4,15 +4,17 @@
     src = create_dataset("folder", root="/data/imagenet", split="val")
     src = create_dataset("hf-disk", root="/data/ds", split="train", image_column="img")
     img = src.load(0)            # PIL RGB image; BadImageError for a file that cannot be decoded
+    src = reopen_dataset(store.attrs["dataset"])                # the dataset a store recorded
 """
 
 from __future__ import annotations
 
 from saev_store.datasets.base import BadImageError, ImageSource
-from saev_store.datasets.images import decode_image, to_rgb
+from saev_store.datasets.images import JpegDraft, decode_image, to_rgb
 from saev_store.errors import UserError
 
-__all__ = ["create_dataset", "list_datasets", "dataset_help", "ImageSource", "BadImageError", "to_rgb", "decode_image"]
+__all__ = ["create_dataset", "reopen_dataset", "recorded_description", "list_datasets", "dataset_help", "ImageSource",
+           "BadImageError", "JpegDraft", "to_rgb", "decode_image"]
 
 _KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "fashion-mnist": ("Fashion-MNIST idx files (default root /usr/share/datasets/fashion-mnist; "
@@ -63,3 +65,23 @@ def create_dataset(kind: str, root: str | None = None, split: str | None = None,
     from saev_store.datasets.hf_disk import HfDisk
 
     return HfDisk(root, split, **options)
+
+
+def recorded_description(described: dict | None) -> dict | None:
+    """A store's recorded dataset (`ImageSource.describe()`) as this version describes the same images:
+    older folder stores recorded with a split named the split folder itself as root (see
+    `folder.reopen_root`). Everything else is returned as it is."""
+    if not described or described.get("kind") != "folder" or not described.get("root"):
+        return described
+    from saev_store.datasets.folder import reopen_root
+
+    return {**described, "root": reopen_root(described["root"], described.get("split") or "")}
+
+
+def reopen_dataset(described: dict, root: str | None = None) -> ImageSource:
+    """Open the dataset a store recorded (`store.attrs["dataset"]`) again; `root` replaces the recorded
+    root when the dataset moved. Raises UserError when it cannot be opened (the caller compares
+    `fingerprint()` with the recorded one to know it is unchanged)."""
+    given = dict(described, root=root) if root else described
+    d = recorded_description(given)
+    return create_dataset(d["kind"], root=d.get("root"), split=d.get("split") or None, **(d.get("options") or {}))

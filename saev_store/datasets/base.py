@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import abc
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from saev_store.errors import UserError
+
+if TYPE_CHECKING:
+    from saev_store.datasets.images import JpegDraft
 
 
 class BadImageError(UserError):
@@ -45,7 +49,8 @@ class ImageSource(abc.ABC):
     kind: str
     """Registry name: "fashion-mnist", "folder" or "hf-disk"."""
     root: str
-    """Absolute path of the directory the images come from."""
+    """Absolute path of the dataset's directory (`--data`): `create_dataset(kind, root, split)` reopens
+    the same images (a folder's split is read from root/split)."""
     split: str
     """The split that was read ("train", "val", ...), or "" when the source has no splits."""
     class_names: list[str] | None
@@ -64,12 +69,11 @@ class ImageSource(abc.ABC):
         """A stable key per image: a relative file path, or "split/index" for array-backed datasets."""
 
     @abc.abstractmethod
-    def load(self, i: int, max_side: int | None = None) -> Image.Image:
-        """Image `i` in RGB mode.
+    def load(self, i: int, draft: JpegDraft | None = None) -> Image.Image:
+        """Image `i` in RGB mode, decoded at full size.
 
-        `max_side` is the largest side the consumer's resize will produce: a JPEG much larger than that
-        may be decoded at 1/2, 1/4 or 1/8 scale as long as both its sides stay >= max_side. Raises
-        `BadImageError` for an image that cannot be decoded.
+        `draft` opts into reduced JPEG decoding (see `JpegDraft`; sources without JPEG files ignore it).
+        Raises `BadImageError` for an image that cannot be decoded.
         """
 
     @abc.abstractmethod

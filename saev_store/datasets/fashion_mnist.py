@@ -87,7 +87,7 @@ class FashionMnist(ImageSource):
     def image_ids(self) -> list[str]:
         return [f"{prefix}/{i}" for (prefix, _, _), n in zip(self._parts, self._counts) for i in range(n)]
 
-    def load(self, i: int, max_side: int | None = None) -> Image.Image:
+    def load(self, i: int, draft=None) -> Image.Image:
         i = self._check_index(i)
         return to_rgb(Image.fromarray(self._all_images()[i], "L"))
 

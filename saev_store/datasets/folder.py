@@ -6,8 +6,9 @@ Layout rules, decided once:
 * `root/<image>` with no class subfolders: unlabeled (labels -1, class_names None).
 * Images both directly in root and in subfolders: refused (ambiguous).
 * Splits: when `root/<split>` is a directory it is used (`root=/data/imagenet, split="val"` reads
-  `/data/imagenet/val`). Otherwise `split` is ignored and recorded as "", unless every subfolder of
-  root is named like a split (train, val, test...), which is refused so splits never become classes.
+  `/data/imagenet/val`); `root` stays `/data/imagenet`, so the recorded (root, split) pair reopens the
+  same images. Otherwise `split` is ignored and recorded as "", unless every subfolder of root is
+  named like a split (train, val, test...), which is refused so splits never become classes.
 * Files: extensions .jpg .jpeg .png .bmp .gif .webp .tif .tiff in any letter case; names starting with
   "." are skipped (macOS "._x.jpg" resource forks, .DS_Store, hidden folders). Symlinks are followed.
 * Order: images are sorted by relative path, compared folder by folder; image ids are those
@@ -22,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from saev_store.datasets.base import BadImageError, ImageSource, sha256_hex
-from saev_store.datasets.images import decode_image
+from saev_store.datasets.images import JpegDraft, decode_image
 from saev_store.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -40,8 +41,9 @@ class ImageFolder(ImageSource):
         root = os.path.abspath(root)
         if not os.path.isdir(root):
             raise UserError(f"Image folder {root} does not exist or is not a directory; pass --data DIR.")
-        self.root, self.split = _pick_split(root, split)
-        self._rel_fpaths, self.class_names, self._labels = _scan(self.root)
+        self.root = root
+        self._images_dpath, self.split = _pick_split(root, split)
+        self._rel_fpaths, self.class_names, self._labels = _scan(self._images_dpath)
         self._fingerprint: str | None = None
 
     def __len__(self) -> int:
@@ -53,12 +55,12 @@ class ImageFolder(ImageSource):
     def image_ids(self) -> list[str]:
         return list(self._rel_fpaths)
 
-    def load(self, i: int, max_side: int | None = None) -> Image.Image:
+    def load(self, i: int, draft: JpegDraft | None = None) -> Image.Image:
         i = self._check_index(i)
         rel = self._rel_fpaths[i]
-        fpath = os.path.join(self.root, *rel.split("/"))
+        fpath = os.path.join(self._images_dpath, *rel.split("/"))
         try:
-            return decode_image(fpath, rel, max_side)
+            return decode_image(fpath, rel, draft)
         except BadImageError as err:
             raise BadImageError(rel, f"{err.reason} (file {fpath})") from err
 
@@ -71,9 +73,22 @@ class ImageFolder(ImageSource):
         if self._fingerprint is None:
             parts = [self.split, *(self.class_names or [])]
             for rel in self._rel_fpaths:
-                parts += [rel, str(os.stat(os.path.join(self.root, *rel.split("/"))).st_size)]
+                parts += [rel, str(os.stat(os.path.join(self._images_dpath, *rel.split("/"))).st_size)]
             self._fingerprint = sha256_hex(parts)
         return self._fingerprint
+
+
+def reopen_root(root: str, split: str) -> str:
+    """The root that reopens a recorded (root, split) pair.
+
+    Stores recorded before the pair was fixed hold the split folder itself as root (`DIR/train` with
+    split "train", from `--data DIR --split train`); that pair, where `DIR/train/train` does not exist,
+    means `DIR`. Every other pair is returned unchanged.
+    """
+    norm = os.path.normpath(root)
+    if split and os.path.basename(norm) == split and not os.path.isdir(os.path.join(norm, split)):
+        return os.path.dirname(norm)
+    return root
 
 
 def _pick_split(root: str, split: str | None) -> tuple[str, str]:

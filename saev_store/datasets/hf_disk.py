@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from saev_store.datasets.base import BadImageError, ImageSource, sha256_hex
-from saev_store.datasets.images import decode_image, to_rgb
+from saev_store.datasets.images import JpegDraft, decode_image, to_rgb
 from saev_store.errors import UserError
 
 DEFAULT_IMAGE_COLUMN = "image"
@@ -134,7 +134,7 @@ class HfDisk(ImageSource):
         prefix = f"{self.split}/" if self.split else ""
         return [f"{prefix}{i}" for i in range(self._n)]
 
-    def load(self, i: int, max_side: int | None = None) -> Image.Image:
+    def load(self, i: int, draft: JpegDraft | None = None) -> Image.Image:
         i = self._check_index(i)
         image_id = f"{self.split}/{i}" if self.split else str(i)
         value = self._images()[i][self.image_column]
@@ -147,10 +147,10 @@ class HfDisk(ImageSource):
         if isinstance(value, str):
             fpath = value if os.path.isabs(value) else os.path.join(self.root, value)
             try:
-                return decode_image(fpath, image_id, max_side)
+                return decode_image(fpath, image_id, draft)
             except BadImageError as err:
                 raise BadImageError(image_id, f"{err.reason} (file {fpath})") from err
-        return decode_image(io.BytesIO(value), image_id, max_side)
+        return decode_image(io.BytesIO(value), image_id, draft)
 
     def options(self) -> dict:
         return {"image_column": self.image_column, "label_column": self.label_column}

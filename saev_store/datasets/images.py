@@ -2,13 +2,14 @@
 
 Two jobs live here because every source shares them: `decode_image` turns bytes on disk into an RGB
 `PIL.Image` without ever letting a bad file crash the recorder (truncated, corrupt, decompression
-bomb -> `BadImageError`) and without decoding a huge JPEG at full size; `to_rgb` defines once, for
-every PIL mode, what RGB pixels an image means.
+bomb -> `BadImageError`), at full size unless the caller opts into reduced JPEG decoding
+(`JpegDraft`); `to_rgb` defines once, for every PIL mode, what RGB pixels an image means.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 
@@ -26,15 +27,36 @@ _MAX_DRAFT_SCALE = 8  # libjpeg's DCT scaling decodes at 1/1, 1/2, 1/4 or 1/8 si
 ImageInput = str | os.PathLike | bytes | io.IOBase
 
 
-def decode_image(src: ImageInput, image_id: str, max_side: int | None = None) -> Image.Image:
+@dataclasses.dataclass(frozen=True)
+class JpegDraft:
+    """Opt-in reduced JPEG decoding (libjpeg's DCT scaling, PIL's `Image.draft`).
+
+    A JPEG decoded at 1/2, 1/4 or 1/8 scale never holds its full-size pixels in memory and decodes
+    several times faster, but its pixels are not those of a full-size decode resized by the model's
+    library (tens of grey levels apart on ordinary photos). Without a JpegDraft every image decodes
+    at full size, as `Image.open(p)` does.
+    """
+
+    min_side: int
+    """Both sides of the decoded image stay >= this: the largest side the consumer's resize produces."""
+    above_px: int = 0
+    """Only JPEGs with more than this many pixels are reduced (the recorder's --jpeg-draft-mpx)."""
+
+    def __post_init__(self):
+        if self.min_side < 1 or self.above_px < 0:
+            raise ValueError(f"JpegDraft(min_side={self.min_side}, above_px={self.above_px}): min_side must be >= 1, above_px >= 0")
+
+
+def decode_image(src: ImageInput, image_id: str, draft: JpegDraft | None = None) -> Image.Image:
     """Decode `src` (a path, the file's bytes, or a binary file object) to an RGB image.
 
-    * `max_side`: the largest side the consumer's resize will produce. A JPEG is decoded at the
-      smallest 1/2, 1/4 or 1/8 scale that keeps both of its sides >= max_side (libjpeg's draft mode:
-      the full-size image is never in memory). Other formats decode at full size.
-    * Huge images: a JPEG over `PIL.Image.MAX_IMAGE_PIXELS` (89 Mpx by default) is always decoded at
-      a reduced scale that fits under it, even when PIL would refuse to open it as a decompression
-      bomb. Any image still over PIL's refusal limit (2 * MAX_IMAGE_PIXELS) raises `BadImageError`.
+    * Full size by default, like `Image.open(src)`, including PIL's decompression-bomb rule: a
+      warning over `PIL.Image.MAX_IMAGE_PIXELS` (89 Mpx by default), `BadImageError` over twice that.
+    * `draft` (opt-in): a JPEG over `draft.above_px` pixels is decoded at the smallest 1/2, 1/4 or 1/8
+      scale that keeps both its sides >= `draft.min_side`; a JPEG over MAX_IMAGE_PIXELS is decoded at
+      a scale that fits under it (PIL's bomb check is skipped for it: the full-size image is never
+      in memory). Any image still over 2 * MAX_IMAGE_PIXELS raises `BadImageError`. Other formats
+      always decode at full size.
     * Truncated or corrupt files raise `BadImageError` (PIL's LOAD_TRUNCATED_IMAGES is left alone).
 
     The result has EXIF orientation applied and is converted with `to_rgb`.
@@ -44,8 +66,8 @@ def decode_image(src: ImageInput, image_id: str, max_side: int | None = None) ->
     with contextlib.ExitStack() as stack:
         try:
             fp = stack.enter_context(open(src, "rb")) if isinstance(src, (str, os.PathLike)) else src
-            img = stack.enter_context(_open(fp))
-            _draft(img, max_side)
+            img = stack.enter_context(_open(fp, draft))
+            _draft(img, draft)
             img.load()
         except Exception as err:  # PIL raises a grab-bag (OSError, SyntaxError, ValueError, struct.error...)
             raise BadImageError(image_id, _reason(err)) from err
@@ -55,11 +77,11 @@ def decode_image(src: ImageInput, image_id: str, max_side: int | None = None) ->
             raise BadImageError(image_id, str(err)) from err
 
 
-def _open(fp) -> Image.Image:
-    """Open a binary file object lazily (header only). JPEGs bypass PIL's decompression-bomb check."""
+def _open(fp, draft: JpegDraft | None) -> Image.Image:
+    """Open a binary file object lazily (header only). With a draft, JPEGs bypass PIL's bomb check."""
     head = fp.read(len(_JPEG_MAGIC))
     fp.seek(0)
-    if head == _JPEG_MAGIC:
+    if draft is not None and head == _JPEG_MAGIC:
         # PIL's bomb check lives in Image.open and would refuse (or warn about) a huge JPEG that draft()
         # can decode at reduced size. The plugin class parses only the header; _draft then checks the
         # size that will actually be decoded. (This also reads an MPO's first picture, as Image.open does.)
@@ -67,15 +89,20 @@ def _open(fp) -> Image.Image:
     try:
         return Image.open(fp)
     except Image.DecompressionBombError as err:
-        raise ValueError(f"{err} Only JPEGs can be decoded at reduced size; downscale the file") from err
+        fix = ("record with --jpeg-draft-mpx to decode large JPEGs at reduced size, or downscale the file"
+               if head == _JPEG_MAGIC else "Only JPEGs can be decoded at reduced size; downscale the file")
+        raise ValueError(f"{err} {fix}") from err
 
 
-def _draft(img: Image.Image, max_side: int | None) -> None:
-    """Ask a JPEG to decode at reduced size when the consumer's max_side or the pixel limit allows it."""
+def _draft(img: Image.Image, draft: JpegDraft | None) -> None:
+    """Ask a JPEG to decode at reduced size when `draft` allows it; refuse what stays over PIL's limit."""
+    if draft is None:
+        return  # Image.open already applied PIL's own bomb rule
     max_pixels = Image.MAX_IMAGE_PIXELS
     w, h = img.size
     if img.format == "JPEG":
-        scale = draft_scale(w, h, max_side, max_pixels)
+        min_side = draft.min_side if w * h > draft.above_px else None
+        scale = draft_scale(w, h, min_side, max_pixels)
         if scale > 1:
             img.draft(img.mode, (max(1, w // scale), max(1, h // scale)))
     w, h = img.size
@@ -86,15 +113,15 @@ def _draft(img: Image.Image, max_side: int | None) -> None:
         )
 
 
-def draft_scale(w: int, h: int, max_side: int | None, max_pixels: int | None) -> int:
+def draft_scale(w: int, h: int, min_side: int | None, max_pixels: int | None) -> int:
     """The JPEG decode scale divisor (1, 2, 4 or 8) for a w x h image.
 
-    Halve while the image is over `max_pixels`, or while halving keeps both sides >= `max_side`.
+    Halve while the image is over `max_pixels`, or while halving keeps both sides >= `min_side`.
     """
     scale = 1
     while scale < _MAX_DRAFT_SCALE:
         over_budget = max_pixels is not None and -(-w // scale) * -(-h // scale) > max_pixels
-        halving_fits = max_side is not None and min(w, h) // (2 * scale) >= max_side
+        halving_fits = min_side is not None and min(w, h) // (2 * scale) >= min_side
         if not (over_budget or halving_fits):
             break
         scale *= 2

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from saev_store.datasets.base import BadImageError, ImageSource
+from saev_store.datasets.images import JpegDraft
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -38,7 +39,8 @@ class RecordDataset(torch.utils.data.Dataset):
 
     * `transform` maps an RGB PIL image to a float tensor (3, H, W) of one fixed shape (the model's
       preprocessing). It must be picklable for num_workers > 0 (torchvision transforms are).
-    * `max_side` is passed to `src.load` so large JPEGs decode at reduced size.
+    * `draft` is passed to `src.load`: None decodes every image at full size; a `JpegDraft` opts into
+      reduced JPEG decoding.
     * `image_shape`: shape of the zero image returned for a bad image; by default the shape
       `transform` gives a blank image (computed once per process, only when needed).
 
@@ -46,17 +48,26 @@ class RecordDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, src: ImageSource, transform: Transform, indices: Sequence[int] | None = None, *,
-                 max_side: int | None = None, image_shape: tuple[int, int, int] | None = None):
+                 draft: JpegDraft | None = None, image_shape: tuple[int, int, int] | None = None):
         self.src = src
         self.transform = transform
-        self.indices = list(range(len(src))) if indices is None else [int(i) for i in indices]
         n = len(src)
-        bad = [i for i in self.indices if not 0 <= i < n]
+        # range(n), not a list: a reader of a ten-million-image dataset needs no index list.
+        self.indices = range(n) if indices is None else [int(i) for i in indices]
+        bad = [] if indices is None else [i for i in self.indices if not 0 <= i < n]
         if bad:
             raise IndexError(f"RecordDataset: indices {bad[:5]} are outside the dataset's 0..{n - 1}.")
-        self.max_side = max_side
+        self.draft = draft
         self.image_shape = None if image_shape is None else tuple(image_shape)
         self._blank_like: tuple[tuple[int, ...], torch.dtype] | None = None
+
+    @classmethod
+    def model_input(cls, src: ImageSource, pre, indices: Sequence[int] | None = None) -> "RecordDataset":
+        """Images as the model's input under PreprocessConfig `pre`: decoded as `pre` says (full size
+        unless it opts into JPEG drafting), resized and cropped, as (3, H, W) uint8. The recorder feeds
+        the model these and the exemplar tiles show them: one decode path, so a tile is pixel for pixel
+        what the model saw."""
+        return cls(src, pre.to_uint8, indices, draft=pre.jpeg_draft())
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -64,7 +75,7 @@ class RecordDataset(torch.utils.data.Dataset):
     def __getitem__(self, j: int) -> tuple[int, torch.Tensor, bool, str]:
         index = self.indices[j]
         try:
-            img = self.src.load(index, max_side=self.max_side)
+            img = self.src.load(index, draft=self.draft)
         except BadImageError as err:
             return index, self._blank(), False, err.reason
         return index, self._apply(img), True, ""

@@ -6,9 +6,11 @@ shape: a hook's output becomes `(B, T, D)` float32 tokens, where a ViT hook give
 (only if kept) + patches` in row-major grid order and a CNN feature map `(B, C, H, W)` gives its `H*W`
 positions row-major with `D = C`.
 
-The layout of a hook is derived from its output shape alone (one function, `_analyze`), both when
-predicting it from a probe forward (`token_layout`) and when converting real outputs (`capture`), so
-the two cannot disagree.
+The layout of a hook is derived from its output shape (one function, `_analyze`), both when predicting
+it from a probe forward (`token_layout`) and when converting real outputs (`capture`), so the two cannot
+disagree. A 4-D output is read per hook, not per model: channels-last models (Swin) hold NCHW convs and
+NCHW models (ConvNeXt) hold NHWC norms and MLPs, so the reading whose spatial dims fit the input's
+aspect ratio wins (see `_map_format`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,44 @@ _TO_BND: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "nchw": lambda t: t.flatten(2).transpose(1, 2),
     "nhwc": lambda t: t.flatten(1, 2),
 }
+
+
+# Modules whose 4-D output is (B, C, H, W) whatever the model around them does (torch's own layers).
+_NCHW_MODULES = (
+    torch.nn.modules.conv._ConvNd,
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.modules.pooling._MaxPoolNd,
+    torch.nn.modules.pooling._AvgPoolNd,
+    torch.nn.modules.pooling._AdaptiveAvgPoolNd,
+    torch.nn.modules.pooling._AdaptiveMaxPoolNd,
+    torch.nn.GroupNorm,
+    torch.nn.modules.instancenorm._InstanceNorm,
+)
+
+
+def _fits(hw: tuple[int, int], in_hw: tuple[int, int]) -> bool:
+    """Whether a (h, w) map can come from an (H, W) input through one stride on both axes: some s has
+    |h - H/s| < 1 and |w - W/s| < 1 (each axis may round its own way)."""
+    (h, w), (big_h, big_w) = hw, in_hw
+    return h >= 1 and w >= 1 and (h - 1) * big_w < (w + 1) * big_h and (w - 1) * big_h < (h + 1) * big_w
+
+
+def _map_format(shape: tuple[int, ...], in_hw: tuple[int, int], *, nchw_module: bool, channels_last: bool) -> str | None:
+    """'nchw' or 'nhwc' for a CNN's 4-D output, or None when neither reading is a map of the input.
+
+    The reading whose (h, w) fits the input's aspect ratio wins; when both fit, the closer fit wins
+    (a 56x56 map beats 55x56 from a 224x224 input); a tie (C equal to H and W) goes to what the module
+    is: torch's convs, norms and pools output NCHW, anything else the model's declared layout."""
+    big_h, big_w = in_hw
+    readings = {"nchw": tuple(shape[2:4]), "nhwc": tuple(shape[1:3])}
+    misfit = {fmt: abs(h * big_w - w * big_h) for fmt, (h, w) in readings.items() if _fits((h, w), in_hw)}
+    if not misfit:
+        return None
+    best = min(misfit.values())
+    tied = [fmt for fmt, m in misfit.items() if m == best]
+    if len(tied) == 1:
+        return tied[0]
+    return "nchw" if nchw_module or not channels_last else "nhwc"
 
 
 def select_tokens(full: TokenLayout, *, keep_registers: bool, tokens: str) -> tuple[list[int], TokenLayout]:
@@ -215,7 +255,8 @@ class VisionModel:
             return "nd", TokenLayout(n_tokens=1, cls=0)
         if len(shape) == 4:
             if grid is None:
-                fmt = "nhwc" if self.channels_last else "nchw"
+                module = self._modules_by_path().get(hook)
+                fmt = _map_format(shape, in_hw, nchw_module=isinstance(module, _NCHW_MODULES), channels_last=self.channels_last)
             elif shape[2:] == grid:
                 fmt = "nchw"
             elif shape[1:3] == grid:

@@ -14,6 +14,7 @@ Tokens: [CLS] + registers (Dinov2WithRegisters) + patches; SigLIP has no CLS.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import pathlib
@@ -90,7 +91,14 @@ def _defaults(config) -> PreprocessConfig:
 
 
 def preprocess_from_dir(dpath: pathlib.Path, config) -> PreprocessConfig:
-    """PreprocessConfig from the directory's preprocessor_config.json, else the model type's defaults."""
+    """PreprocessConfig from the directory's preprocessor_config.json, else the model type's defaults.
+
+    HF image processors (both their PIL and torchvision backends) start a centre crop at
+    (size - crop) // 2, not at torchvision's round((size - crop) / 2): crop_offset='floor'."""
+    return dataclasses.replace(_processor_config(dpath, config), crop_offset="floor")
+
+
+def _processor_config(dpath: pathlib.Path, config) -> PreprocessConfig:
     fpath = dpath / "preprocessor_config.json"
     if not fpath.is_file():
         return _defaults(config)
