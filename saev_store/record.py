@@ -115,9 +115,15 @@ def _jsonable(x: Any) -> Any:
 
 def metadata_diff(store_attrs: dict, meta: dict, hooks: dict[str, HookSpec], store_dtype: str, n_images: int) -> list[str]:
     """What differs between an existing store and this run (empty when they agree)."""
+    from .models.preprocess import PreprocessConfig
+
     diffs = []
     for key in ("model", "dataset", "preprocessing", "tokens", "keep_registers", "class_names"):
         have, want = _jsonable(store_attrs.get(key)), _jsonable(meta.get(key))
+        if key == "preprocessing" and isinstance(have, dict):
+            # A store written before a preprocessing key existed reads with the value that reproduces
+            # its images (PreprocessConfig.from_dict), so it resumes when this run matches that value.
+            have = _jsonable(PreprocessConfig.from_dict(have).to_dict())
         if have != want:
             if isinstance(have, dict) and isinstance(want, dict):
                 for k in sorted(set(have) | set(want)):

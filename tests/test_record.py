@@ -280,3 +280,22 @@ def test_jpeg_draft_is_opt_in_recorded_and_checked_on_resume(odd_images, tmp_pat
         assert res.exit_code == 2 and "jpeg_draft_mpx" in res.output and "0.3" in res.output, res.output
     res = runner.invoke(main, [*args, "--jpeg-draft-mpx", "0.3"])
     assert res.exit_code == 0 and "already complete" in res.output
+
+
+def test_store_from_before_a_preprocessing_key_resumes_with_the_value_that_reproduces_it(small_run, tmp_path):
+    """A store written before `crop_offset` / `jpeg_draft_mpx` existed lacks them in its metadata;
+    rerunning with the values that reproduce its images (round, drafting at 0 Mpx) must not be refused,
+    another value must be, naming the key."""
+    import shutil
+
+    out = str(tmp_path / "old.zarr")
+    shutil.copytree(small_run[0], out)
+    meta_fpath = os.path.join(out, "zarr.json")
+    doc = json.load(open(meta_fpath))
+    pre = doc["attributes"]["saev_store"]["preprocessing"]
+    del pre["crop_offset"], pre["jpeg_draft_mpx"]
+    json.dump(doc, open(meta_fpath, "w"))
+    cfg = dict(out=out, limit=10, batch_size=4, images_per_chunk=4, quiet=True, num_workers=0)
+    assert record(RecordConfig(**cfg, jpeg_draft_mpx=0))["already_complete"]
+    with pytest.raises(UserError, match="preprocessing.jpeg_draft_mpx"):
+        record(RecordConfig(**cfg))
