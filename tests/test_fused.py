@@ -105,6 +105,25 @@ def test_compiled_training_steps_equal_eager():
         torch.testing.assert_close(g.W_dec.norm(dim=-1), torch.ones(g.n, g.d_sae))
 
 
+@pytest.mark.slow
+def test_compiled_pass_with_many_widths_equals_eager():
+    """A pass with five widths compiles Adam for 15 shapes (W_enc, b_enc, b_dec of each group): more
+    than dynamo's default limit of 8, which with fullgraph=True used to stop the run."""
+    saes = [SAEConfig(f"r{w}", 4, w, "relu", l1=0.5, seed=w) for w in (8, 12, 16, 20, 24)]
+    cfg = TrainConfig(saes=tuple(saes), batch_size=16, warmup_steps=1, l1_warmup_steps=1, quiet=True)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(5))
+    banks = []
+    for st in (fused.EAGER, fused.stages(True, backend="aot_eager")):
+        bank = SAEBank(saes)
+        opt = BankAdam(bank, stages=st)
+        init_b_dec(bank, x, "mean")
+        for i in range(2):
+            train_step(bank, opt, x, i, 2, cfg, peak_lrs(bank, cfg, "cpu"), l1_coefs(bank, "cpu"))
+        banks.append(bank)
+    for (name, a), (_, b) in zip(banks[0].named_parameters(), banks[1].named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_compile_setting(monkeypatch):
     """--compile auto compiles on CUDA with Triton, runs eagerly (with a warning) without it; "on" is
     refused where it cannot work, naming the fix."""

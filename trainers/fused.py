@@ -91,6 +91,14 @@ class Stages(NamedTuple):
 
 
 EAGER = Stages(relu_stats_, mask_grad_, adam_, adam_decoder_, compiled=False)
+RECOMPILE_LIMIT = 256
+"""Shapes each compiled stage may be compiled for, raised from dynamo's default of 8 (`stages` sets
+it). With static shapes a stage compiles once per shape it meets: Adam three per width of a pass
+(W_enc, b_enc and b_dec of each group), the latent stages one per chunk shape, and the count adds up
+over the passes of a run. With fullgraph=True, reaching dynamo's 8 is an error, which a pass with four
+widths did (12 shapes)."""
+
+
 
 
 def stages(compile: bool, backend: str = "inductor") -> Stages:
@@ -101,4 +109,9 @@ def stages(compile: bool, backend: str = "inductor") -> Stages:
     `adam_decoder_`, so a CPU cannot run the inductor form of every stage)."""
     if not compile:
         return EAGER
+    import torch._dynamo.config
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
     return Stages(*(torch.compile(f, fullgraph=True, dynamic=False, backend=backend) for f in EAGER[:4]), compiled=True)
