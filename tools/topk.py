@@ -163,7 +163,7 @@ def chunk_encoder(sae, x_md: torch.Tensor, n_patches: int):
     from trainers.sae_io import SAE
 
     if isinstance(sae, SAE) and sae.architecture == "standard" and sae.W_enc.device == x_md.device:
-        xc_md = x_md - sae.b_dec  # once per block, shared by its chunks
+        xc_md = x_md - sae.b_dec if sae.apply_b_dec_to_input else x_md  # once per block, shared by its chunks
         w_dl, b_l = sae.W_enc, sae.b_enc
 
         def encode(i0: int, i1: int, out_ctl: torch.Tensor) -> None:
