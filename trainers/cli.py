@@ -8,6 +8,9 @@ import click
 
 from saev_store.errors import UserError, cli_errors
 
+from .config import TrainConfig
+from .sweep import GRID_DEFAULTS
+
 
 _user_errors = cli_errors("the last checkpoint is kept; rerun the same command with --resume.")
 
@@ -35,13 +38,15 @@ def _init_distributed(device: str) -> str:
 @click.argument("store")
 @click.option("--hook", required=True, help="Hook of the store to train on (see `saev-store info STORE`).")
 @click.option("--tokens", default="patches", show_default=True, type=click.Choice(["patches", "cls", "all"]))
-@click.option("--width", default="4x,8x,16x", show_default=True,
+@click.option("--width", default=",".join(GRID_DEFAULTS["width"]), show_default=True,
               help="Comma list of widths: 'Nx' (or a bare N <= 256) is N * d_in latents, larger numbers are absolute.")
 @click.option("--arch", default=None, type=click.Choice(["relu", "topk", "batchtopk"]),
               help="Architecture [default: relu, or topk when --k is given].")
-@click.option("--l1", default="1,2,4", show_default=True, help="Comma list of L1 coefficients (relu).")
+@click.option("--l1", default=",".join(f"{v:g}" for v in GRID_DEFAULTS["l1"]), show_default=True,
+              help="Comma list of L1 coefficients (relu).")
 @click.option("--k", default=None, help="Comma list of active latents per token (topk/batchtopk).")
-@click.option("--lr", default="1e-3", show_default=True, help="Comma list of peak learning rates.")
+@click.option("--lr", default=",".join(f"{v:g}" for v in GRID_DEFAULTS["lr"]), show_default=True,
+              help="Comma list of peak learning rates.")
 @click.option("--sweep", "sweep_fpath", default=None, type=click.Path(dir_okay=False),
               help="TOML file listing the SAEs instead of --width/--l1/--k/--lr (see trainers/sweep.py).")
 @click.option("--parallel", default=9, show_default=True, type=int, help="SAEs sharing one pass over the data.")
@@ -70,8 +75,9 @@ def _init_distributed(device: str) -> str:
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "tf32", "bf16"]))
 @click.option("--compile", "compile_", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
               help="Fuse the step's element-wise stages and Adam with torch.compile (auto: on CUDA with Triton).")
-@click.option("--buffer-mb", default=512, show_default=True, type=int, help="Loader shuffle buffer.")
-@click.option("--n-readers", default=2, show_default=True, type=int, help="Loader chunk readers in flight.")
+@click.option("--buffer-mb", default=TrainConfig.buffer_mb, show_default=True, type=float,
+              help="Loader shuffle buffer, MiB (changes the shuffle order).")
+@click.option("--n-readers", default=TrainConfig.n_readers, show_default=True, type=int, help="Loader chunk readers in flight.")
 @click.option("--out", "out_dpath", default=None, help="Run directory [default: runs/<store name>-<hook>].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out (same settings).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -89,7 +95,6 @@ def main(store, hook, tokens, width, arch, l1, k, lr, sweep_fpath, parallel, bat
 
     from saev_store.store import open_store
 
-    from .config import TrainConfig
     from .run import run_training
     from .sweep import expand, from_toml
 
@@ -99,7 +104,12 @@ def main(store, hook, tokens, width, arch, l1, k, lr, sweep_fpath, parallel, bat
         raise UserError(f"hook {hook!r} is not in {store}; it has {', '.join(st.hooks)}. Pass one with --hook.")
     d_in = st.hook(hook).d
     if sweep_fpath is not None:
-        saes = from_toml(sweep_fpath, d_in, seed)
+        ctx = click.get_current_context()
+        flags = {"width": width.split(","), "arch": arch, "l1": _list(l1, float, "--l1"), "k": _list(k, int, "--k"),
+                 "lr": _list(lr, float, "--lr"), "aux_coef": aux_coef, "dead_after": dead_after}
+        given = {key: v for key, v in flags.items()
+                 if ctx.get_parameter_source(key) in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)}
+        saes = from_toml(sweep_fpath, d_in, seed, base=given)
     else:
         spec = {"width": width.split(","), "lr": _list(lr, float, "--lr")}
         if k is not None:

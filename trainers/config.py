@@ -12,6 +12,7 @@ import os
 from typing import Literal
 
 from saev_store.errors import UserError
+from saev_store.loaders import DEFAULT_BUFFER_MB, DEFAULT_N_READERS
 
 Arch = Literal["relu", "topk", "batchtopk"]
 ARCHS: tuple[str, ...] = ("relu", "topk", "batchtopk")
@@ -139,9 +140,9 @@ class TrainConfig:
     compile: Literal["auto", "on", "off"] = "auto"
     """Fuse the step's element-wise stages and Adam with torch.compile (trainers/fused.py). auto: on a
     CUDA device; a CPU runs them eagerly from cache ("on" is refused there, see fused.stages)."""
-    buffer_mb: int = 512
-    """Shuffle buffer of the loader, MiB."""
-    n_readers: int = 2
+    buffer_mb: float = DEFAULT_BUFFER_MB
+    """Shuffle buffer of the loader, MiB (per rank). Part of the result: it changes the shuffle order."""
+    n_readers: int = DEFAULT_N_READERS
     """Chunk readers in flight in the loader."""
     quiet: bool = False
     """No progress bar."""

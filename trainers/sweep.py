@@ -23,6 +23,8 @@ from saev_store.errors import UserError
 from .config import SAEConfig
 
 SWEEP_KEYS = ("arch", "width", "l1", "k", "lr", "aux_coef", "aux_k", "dead_after", "name")
+GRID_DEFAULTS = {"width": ("4x", "8x", "16x"), "l1": (1.0, 2.0, 4.0), "lr": (1e-3,)}
+"""The values a spec without the key expands to, for flags and sweep files alike."""
 MAX_BARE_EXPANSION = 256
 """A bare width up to this is an expansion factor; above it, an absolute number of latents."""
 
@@ -59,10 +61,11 @@ def expand(spec: dict, d_in: int, seed: int = 0, start_index: int = 0) -> list[S
     arch_l = _as_list(spec.get("arch", "topk" if spec.get("k") else "relu"))
     out = []
     for arch in arch_l:
-        sparsity = _as_list(spec.get("l1", 5.0)) if arch == "relu" else _as_list(spec.get("k", 0))
+        sparsity = _as_list(spec.get("l1", GRID_DEFAULTS["l1"])) if arch == "relu" else _as_list(spec.get("k", 0))
         if arch != "relu" and sparsity == [0]:
             raise UserError(f"{arch} SAEs need --k (active latents per token), e.g. --k 16,32,64.")
-        for width, s, lr in itertools.product(_as_list(spec.get("width", "8x")), sparsity, _as_list(spec.get("lr", 4e-4))):
+        grid = (_as_list(spec.get("width", GRID_DEFAULTS["width"])), sparsity, _as_list(spec.get("lr", GRID_DEFAULTS["lr"])))
+        for width, s, lr in itertools.product(*grid):
             d_sae = parse_width(width, d_in)
             l1, k = (float(s), 0) if arch == "relu" else (0.0, int(s))
             name = spec.get("name") or sae_name(arch, d_sae, l1, k, float(lr))
@@ -72,7 +75,9 @@ def expand(spec: dict, d_in: int, seed: int = 0, start_index: int = 0) -> list[S
     return out
 
 
-def from_toml(fpath: str, d_in: int, seed: int = 0) -> list[SAEConfig]:
+def from_toml(fpath: str, d_in: int, seed: int = 0, base: dict | None = None) -> list[SAEConfig]:
+    """The SAEs of a sweep file. `base`: keys given outside the file (the command line's flags), which
+    apply to every entry; the file may not set them too (one of the two would be ignored)."""
     try:
         with open(fpath, "rb") as f:
             doc = tomllib.load(f)
@@ -83,6 +88,12 @@ def from_toml(fpath: str, d_in: int, seed: int = 0) -> list[SAEConfig]:
     entries = doc.pop("sae", None)
     if entries is not None and not isinstance(entries, list):
         raise UserError(f"sweep file {fpath}: `sae` must be an array of tables ([[sae]]).")
+    base = dict(base or {})
+    both = sorted(set(base) & (set(doc).union(*(e for e in entries or []))))
+    if both:
+        raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in both)} and sweep file {fpath} both set "
+                        f"{', '.join(both)}; set each in one place.")
+    doc.update(base)
     specs = [{**doc, **e} for e in entries] if entries else [doc]
     out: list[SAEConfig] = []
     for spec in specs:
