@@ -47,6 +47,8 @@ def main():
 @click.option("--store", "store_path", default=None, help="Activation store (default: the store the SAEs were trained on).")
 @click.option("--out", "out_dpath", default=None, help="Output folder (default: RUN_OR_SAE/topk).")
 @click.option("--hook", default=None, help="Hook to read (default: the SAEs' hook).")
+@click.option("--tokens", default=None, type=click.Choice(["patches", "all"]),
+              help="Tokens to mine, for SAE folders that do not record their training tokens (default: each SAE's own).")
 @click.option("-k", "--k", "k", default=16, show_default=True, help="Exemplars kept per latent and ranking.")
 @click.option("--tau", default=0.2, show_default=True, help="A patch counts when the latent's value exceeds tau.")
 @click.option("--memory-mb", default=1024.0, show_default=True, help="Budget for one block of activations (latents go in fixed-size chunks).")
@@ -55,12 +57,12 @@ def main():
 @click.option("--readers", "n_readers", default=4, show_default=True, help="Store chunks read ahead in parallel.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def topk(run_or_sae, store_path, out_dpath, hook, k, tau, memory_mb, block_images, device, n_readers, overwrite, quiet):
+def topk(run_or_sae, store_path, out_dpath, hook, tokens, k, tau, memory_mb, block_images, device, n_readers, overwrite, quiet):
     """One pass over the store for every SAE of RUN_OR_SAE: exemplars, frequencies, counts, entropy."""
     from .topk import run_topk
 
     res = run_topk(
-        run_or_sae, store_path, out_dpath, hook=hook, k=k, tau=tau, memory_mb=memory_mb, block_images=block_images,
+        run_or_sae, store_path, out_dpath, hook=hook, tokens=tokens, k=k, tau=tau, memory_mb=memory_mb, block_images=block_images,
         device=device, n_readers=n_readers, overwrite=overwrite, quiet=quiet,
     )
     click.echo(

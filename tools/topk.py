@@ -5,16 +5,19 @@
     data = load_topk("runs/demo/topk", "w1280-l1=5")     # TopkData: index + LatentStats
     data.stats.freq_patch, data.stats.top["max"].images   # (d_sae,), (d_sae, k)
 
-The pass reads each block of images once (the ordered loader, raw activations: the exported SAEs fold
-their input normalization into their weights), encodes it with every SAE in turn and feeds each SAE's
-`LatentAccumulator` (tools/accumulate.py holds the definitions). Memory is bounded: one block of
+The pass reads each block of images once (the ordered loader, every stored token, raw activations: the
+exported SAEs fold their input normalization into their weights), encodes it with every SAE in turn and
+feeds each SAE's `LatentAccumulator` (tools/accumulate.py holds the definitions). Each SAE is mined on the
+tokens it was trained on (its saev_extra.json): its patch tokens, or every token for an SAE trained on
+`all`; a `cls` SAE has one token per image and no patch to map, and is refused. Memory is bounded: one block of
 activations (sized by `memory_mb`), one chunk of latents (`accumulate.CHUNK_BYTES`), plus each
 accumulator's fixed state.
 
 Output folder (written as OUT.partial and renamed when complete, so a crash leaves nothing half-done that
 looks finished; a rerun with `overwrite` starts over):
 
-    OUT/index.json                      what was computed: store, hook, k, tau, class names, SAEs
+    OUT/index.json                      what was computed: store, hook, k, tau, class names, SAEs (each with
+                                        the tokens it was mined on)
     OUT/<sae>/stats.safetensors         per-latent vectors (d_sae,) and count_class (n_classes, d_sae)
     OUT/<sae>/exemplars.safetensors     <ranking>_{values,images,labels,entropy} (d_sae, k) / (d_sae,),
                                         <ranking>_patches (d_sae, k, T), ranking in {max, mean}
@@ -49,9 +52,9 @@ STATS_FNAME = "stats.safetensors"
 EXEMPLARS_FNAME = "exemplars.safetensors"
 COUNTS_DNAME = "image_counts.zarr"
 FORMAT = "saev-tools-topk"
-FORMAT_VERSION = 1
-TOKENS = "patches"
-"""Exemplars, frequencies and heatmaps are over the patch grid (CLS and registers are not places in the image)."""
+FORMAT_VERSION = 2
+MINED_TOKENS = ("patches", "all")
+"""Token selections an SAE can be mined on (its training tokens): heatmaps need the patch grid, so `cls` is not one."""
 
 STAT_FIELDS = ("n_patches_active", "n_images_active", "sum_active", "max_act", "count_dataset", "count_class")
 _COUNTS_FLUSH = 1 << 20  # sparse count entries buffered before an append to Zarr (12 MiB)
@@ -121,38 +124,56 @@ def _common(saes: Mapping, attr: str, given):
         return given
     values = {getattr(s, attr, None) for s in saes.values()} - {None, ""}
     if len(values) > 1:
-        raise UserError(f"the SAEs were trained on different {attr}s ({', '.join(sorted(map(str, values)))}); pass --{attr} or process them separately.")
+        raise UserError(f"the SAEs were trained on different values of {attr} ({', '.join(sorted(map(str, values)))}); pass --{attr} or process them separately.")
     return values.pop() if values else None
 
 
 # ---- the pass ----------------------------------------------------------------------------------------
-def plan_block_images(n_patches: int, d: int, memory_mb: float) -> int:
-    """Images per block under `memory_mb`, budgeting 12*T*d bytes per image: the block as the loader gives
-    it, its float32 copy on the device (none on a CPU) and its copy centered on each SAE's b_dec, float32.
+def mined_tokens(name: str, sae, tokens: str | None) -> str:
+    """The token selection SAE `name` is mined on: the one it was trained on (`tokens` must agree when
+    given, and is needed when the SAE does not record it)."""
+    own = getattr(sae, "tokens", None)
+    if own is None and tokens is None:
+        raise UserError(f"SAE {name!r} does not record which tokens it was trained on (no saev_extra.json); "
+                        f"pass --tokens ({' or '.join(MINED_TOKENS)}).")
+    if own is not None and tokens is not None and own != tokens:
+        raise UserError(f"SAE {name!r} was trained on {own!r} tokens, not {tokens!r}: mining other tokens than it was "
+                        "trained on would describe inputs it never saw. Leave out --tokens.")
+    sel = own or tokens
+    if sel not in MINED_TOKENS:
+        raise UserError(f"SAE {name!r} was trained on {sel!r} tokens: one token per image, with no patch to map a "
+                        f"heatmap onto, so topk cannot mine it (it mines SAEs trained on {' or '.join(MINED_TOKENS)} tokens).")
+    return sel
+
+
+def plan_block_images(n_tokens: int, d: int, memory_mb: float) -> int:
+    """Images per block under `memory_mb`, budgeting 12*T*d bytes per image (T: the tokens read): the block
+    as the loader gives it, its float32 copy on the device (none on a CPU) and its copy centered on each SAE's
+    b_dec, float32.
 
     The latents are not in it: the pass encodes a block in chunks of a fixed size (`CHUNK_BYTES` of latents,
     reused), so they cost the same whatever the block. Sizing blocks for their full latents (16*T*d_sae per
     image, as this did before) made them tiny on a GPU: 31 images for three 16,384-wide SAEs at 512 MiB,
     and a block costs a fixed ~20 ms there.
     """
-    per_image = 12 * n_patches * d
+    per_image = 12 * n_tokens * d
     return max(1, int(memory_mb * (1 << 20)) // per_image)
 
 
 def iter_image_blocks(store: Store, hook: str, block_images: int, image_mask: np.ndarray | None = None, n_readers: int = 4) -> Iterator:
     """(acts_ntd float32 torch, images int64, labels int32) of the valid images, in image order.
 
-    Thin over the ordered loader (patch tokens, raw activations). Besides the block, the loader holds a few
-    whole store chunks in flight (8-64 MiB each), also independent of the number of images."""
+    Thin over the ordered loader (every stored token, raw activations). Besides the block, the loader holds a
+    few whole store chunks in flight (8-64 MiB each), also independent of the number of images."""
     from saev_store.loaders import OrderedLoader
 
-    with OrderedLoader(store, hook, tokens=TOKENS, normalize=False, block_images=block_images, image_mask=image_mask, n_readers=n_readers) as loader:
+    with OrderedLoader(store, hook, tokens="all", normalize=False, block_images=block_images, image_mask=image_mask, n_readers=n_readers) as loader:
         for block in loader:
             yield block.acts, np.asarray(block.images, dtype=np.int64), np.asarray(block.labels, dtype=np.int32)
 
 
-def chunk_encoder(sae, x_md: torch.Tensor, n_patches: int):
-    """`encode(i0, i1, out_ctl)` for `LatentAccumulator.update_encoded`: `sae.encode` of the patches of images
+def chunk_encoder(sae, x_md: torch.Tensor, n_tokens: int):
+    """`encode(i0, i1, out_ctl)` for `LatentAccumulator.update_encoded`: `sae.encode` of the tokens of images
     i0..i1-1 of the block `x_md` (n * T rows), written into `out_ctl`.
 
     A ReLU SAE is computed in place: the matmul writes straight into the reused chunk buffer and the bias and
@@ -168,13 +189,13 @@ def chunk_encoder(sae, x_md: torch.Tensor, n_patches: int):
 
         def encode(i0: int, i1: int, out_ctl: torch.Tensor) -> None:
             out = out_ctl.view(-1, out_ctl.shape[-1])
-            torch.matmul(xc_md[i0 * n_patches : i1 * n_patches], w_dl, out=out)
+            torch.matmul(xc_md[i0 * n_tokens : i1 * n_tokens], w_dl, out=out)
             out.add_(b_l).relu_()
 
     else:
 
         def encode(i0: int, i1: int, out_ctl: torch.Tensor) -> None:
-            out_ctl.copy_(sae.encode(x_md[i0 * n_patches : i1 * n_patches]).reshape(out_ctl.shape))
+            out_ctl.copy_(sae.encode(x_md[i0 * n_tokens : i1 * n_tokens]).reshape(out_ctl.shape))
 
     return encode
 
@@ -193,6 +214,7 @@ def run_topk(
     out_dpath: str | os.PathLike | None = None,
     *,
     hook: str | None = None,
+    tokens: str | None = None,
     k: int = 16,
     tau: float = 0.2,
     memory_mb: float = 1024,
@@ -205,6 +227,7 @@ def run_topk(
     """Stream the store once through every SAE and write the per-latent statistics to `out_dpath`.
 
     `saes`: {name: SAE} or a run / SAE folder. `store`: defaults to the store the SAEs were trained on.
+    `tokens`: for SAEs that do not record their training tokens (see `mined_tokens`).
     `out_dpath`: defaults to `<run or SAE folder>/topk`. `block_images` overrides the size planned from
     `memory_mb`. `n_readers`: store chunks read ahead in parallel by the ordered loader.
     """
@@ -230,6 +253,7 @@ def run_topk(
     info = st.hook(hook)
     if info.layout.grid is None:
         raise UserError(f"hook {hook!r} of {st.path} stores no patch grid, so there is nothing to map exemplars onto; pick a hook with patches.")
+    sel = {name: mined_tokens(name, sae, tokens) for name, sae in saes.items()}
     for name, sae in saes.items():
         if sae.d_in != info.d:
             raise UserError(f"SAE {name!r} takes inputs of width {sae.d_in} but hook {hook!r} of {st.path} has d={info.d}; pass the store and hook it was trained on.")
@@ -248,10 +272,12 @@ def run_topk(
         shutil.rmtree(partial)  # a crashed earlier run: start over
     partial.mkdir(parents=True)
 
-    n_patches = info.layout.n_patches
+    n_patches, n_tokens = info.layout.n_patches, info.layout.n_tokens
+    grid_tokens = (info.layout.grid_start, n_patches)
+    mined = {name: (int(idx[0]), int(idx[-1]) + 1) for name, idx in ((n, info.layout.indices(t)) for n, t in sel.items())}
     n_classes = n_classes_of(st)
     if block_images is None:
-        block_images = plan_block_images(n_patches, info.d, memory_mb)
+        block_images = plan_block_images(n_tokens, info.d, memory_mb)
     block_images = int(max(1, block_images))
     valid = st.valid()
     n_valid = int(valid.sum())
@@ -264,7 +290,8 @@ def run_topk(
         if hasattr(sae, "eval"):
             sae.eval()
     scratch = Scratch()  # one mask buffer for all SAEs: they are processed one after another
-    accs = {n: LatentAccumulator(s.d_sae, n_patches, k=k, tau=tau, n_classes=n_classes, device=device, scratch=scratch) for n, s in saes.items()}
+    accs = {n: LatentAccumulator(s.d_sae, n_tokens, k=k, tau=tau, n_classes=n_classes, device=device, scratch=scratch,
+                                 grid_tokens=grid_tokens, mined_tokens=mined[n]) for n, s in saes.items()}
     writers = {n: _CountsWriter(partial / n / COUNTS_DNAME) for n in saes}
 
     n_blocks = 0
@@ -274,9 +301,9 @@ def run_topk(
         with torch.inference_mode():
             for acts_ntd, images, labels in iter_image_blocks(st, hook, block_images, n_readers=n_readers):
                 n = acts_ntd.shape[0]
-                x = acts_ntd.to(device, torch.float32).reshape(n * n_patches, info.d)
+                x = acts_ntd.to(device, torch.float32).reshape(n * n_tokens, info.d)
                 for name, sae in saes.items():
-                    writers[name].add(accs[name].update_encoded(n, chunk_encoder(sae, x, n_patches), images, labels))
+                    writers[name].add(accs[name].update_encoded(n, chunk_encoder(sae, x, n_tokens), images, labels))
                 n_blocks += 1
                 bar.update(n)
                 bar.set_postfix_str(f"{bar.n * n_patches / max(1e-9, time.perf_counter() - t0):,.0f} patches/s", refresh=False)
@@ -291,7 +318,8 @@ def run_topk(
     entries = {}
     for name, sae in saes.items():
         _write_stats(partial / name, accs[name].result())
-        entries[name] = {"d_sae": int(sae.d_sae), "sae_dpath": _sae_dpath(src_dpath, name, sae)}
+        entries[name] = {"d_sae": int(sae.d_sae), "sae_dpath": _sae_dpath(src_dpath, name, sae), "tokens": sel[name],
+                         "mined_tokens": list(mined[name]), "n_mined": mined[name][1] - mined[name][0]}
     has_labels = bool((st.labels()[valid] >= 0).any())
     index = {
         "format": FORMAT,
@@ -300,9 +328,10 @@ def run_topk(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "store": os.path.abspath(st.path) if "://" not in st.path else st.path,
         "hook": hook,
-        "tokens": TOKENS,
         "grid": list(info.layout.grid),
         "n_patches": n_patches,
+        "n_tokens": n_tokens,
+        "grid_tokens": list(grid_tokens),
         "n_images": n_valid,
         "n_store_images": st.n_images,
         "k": k,
@@ -442,6 +471,7 @@ def load_topk(dpath: str | os.PathLike, name: str | None = None) -> TopkData:
     ex = safetensors.numpy.load_file(str(sdir / EXEMPLARS_FNAME))
     top = {r: Exemplars(*(ex[f"{r}_{f}"] for f in Exemplars._fields)) for r in index["rankings"]}
     stats = LatentStats(
-        n_images=int(index["n_images"]), n_patches=int(index["n_patches"]), tau=float(index["tau"]), top=top, **{f: vec[f] for f in STAT_FIELDS}
+        n_images=int(index["n_images"]), n_patches=int(index["saes"][name]["n_mined"]), tau=float(index["tau"]), top=top,
+        **{f: vec[f] for f in STAT_FIELDS}
     )
     return TopkData(str(dpath), name, index, stats)

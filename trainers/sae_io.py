@@ -93,8 +93,9 @@ class SAE(nn.Module):
         return self.extra.get("hook") or self.cfg.get("metadata", {}).get("hook_name", "")
 
     @property
-    def tokens(self) -> str:
-        return self.extra.get("tokens", "patches")
+    def tokens(self) -> str | None:
+        """The token selection it was trained on (patches, cls, all); None when the folder does not say."""
+        return self.extra.get("tokens")
 
     @property
     def name(self) -> str:
