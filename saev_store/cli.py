@@ -35,7 +35,8 @@ def _floats3(value):
 @click.option("--weights", default=None, help="Local weights file or directory (never downloaded).")
 @click.option("--hook", "hooks", multiple=True, help="Module path to record; repeat for several. See `saev-store hooks`.")
 @click.option("--layer", "layers", multiple=True, type=int, help="Layer N: a ViT's residual stream after block N, a CNN's stage/block N; repeatable.")
-@click.option("--dataset", default="fashion-mnist", show_default=True, help="Dataset kind: fashion-mnist, folder, hf-disk.")
+@click.option("--dataset", default=None, type=click.Choice(["fashion-mnist", "folder", "hf-disk"]),
+              help="Dataset kind [default: inferred from --data (idx files: fashion-mnist; a datasets save_to_disk directory: hf-disk; else folder); fashion-mnist without --data].")
 @click.option("--data", default=None, help="Dataset root (default for fashion-mnist: /usr/share/datasets/fashion-mnist).")
 @click.option("--split", default="train", show_default=True, help="Dataset split.")
 @click.option("--image-column", default=None, help="hf-disk: image column (default image).")

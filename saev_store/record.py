@@ -46,8 +46,9 @@ class RecordConfig:
     """Module paths to record (`--hook`)."""
     layers: tuple[int, ...] = ()
     """Layer numbers to record (`--layer`): a ViT's residual stream after block N, a CNN's stage/block N."""
-    dataset: str = DEFAULT_DATASET
-    """Dataset kind: fashion-mnist, folder, hf-disk."""
+    dataset: str | None = None
+    """Dataset kind: fashion-mnist, folder, hf-disk. None: inferred from `data` (idx files: fashion-mnist, a
+    `datasets` save_to_disk directory: hf-disk, else a folder of images), fashion-mnist without `data`."""
     data: str | None = None
     """Dataset root; the kind's default when None."""
     split: str = "train"
@@ -189,14 +190,23 @@ def record(cfg: RecordConfig, on_progress: Callable[[int, int], None] | None = N
     Returns a summary. Raises UserError for bad input (unknown hook, missing dataset, metadata
     mismatch with an existing store, unreadable image without --skip-bad, disk full).
     """
-    from .datasets import create_dataset
+    from .datasets import create_dataset, infer_kind
     from .models import create_model
 
     rank, world, barrier = _dist_state(cfg.device)
+    say = (lambda msg: print(msg, file=sys.stderr)) if rank == 0 else (lambda msg: None)
     torch.manual_seed(cfg.seed)
-    src = create_dataset(cfg.dataset, root=cfg.data, split=cfg.split, **cfg.dataset_options)
+    kind = cfg.dataset
+    if kind is None and cfg.data is None:
+        kind = DEFAULT_DATASET
+    elif kind is None:
+        kind, why = infer_kind(cfg.data)
+        say(f"dataset: {kind} ({cfg.data}: {why}); pass --dataset to choose another kind")
+    src = create_dataset(kind, root=cfg.data, split=cfg.split, **cfg.dataset_options)
     n_images = len(src) if cfg.limit is None else min(cfg.limit, len(src))
     model = create_model(cfg.model, weights=cfg.weights, device=cfg.device)
+    if model.weights == "random":
+        say(f"model: {cfg.model} is randomly initialized (no --weights given; recorded as weights \"random\")")
     pre = model.preprocess
     overrides = {k: v for k, v in {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std}.items() if v is not None}
     if overrides:
