@@ -11,7 +11,7 @@ already include the normalization, so `encode` takes activations exactly as the 
     x_hat = sae.decode(z)         # (n, d_in) raw activations again
 
 Latents are those of the SAE in its training space divided by the normalization scale `s` (see
-DESIGN.md); `sae.latent_scale` is that `s`, for anyone who wants the training-space values.
+ARCHITECTURE.md, Training); `sae.latent_scale` is that `s`, for anyone who wants the training-space values.
 """
 
 from __future__ import annotations
