@@ -9,7 +9,8 @@ import tools.topk as topk_mod
 from saev_store.errors import UserError
 from tools.accumulate import LatentAccumulator, label_entropy
 from tools.topk import load_topk, run_topk
-from tools_helpers import HOOK, assert_matches_oracle, make_sae, make_store, oracle_latents, oracle_stats
+from tools_helpers import (HOOK, assert_matches_oracle, assert_matches_patchsae, make_sae, make_store, oracle_latents,
+                           oracle_patchsae, oracle_stats)
 
 torch.set_num_threads(2)
 GRID = (4, 4)
@@ -146,6 +147,28 @@ def test_topk_mines_the_tokens_the_sae_was_trained_on(small_store, tmp_path, tok
     data = load_topk(tmp_path / "out")
     assert data.index["saes"]["a"]["tokens"] == tokens
     assert_matches_oracle(data.stats, o, data.image_counts(), images, entropy_rtol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", ["patches", "all"])
+def test_patchsae_statistics_match_bruteforce(small_store, tmp_path, tokens):
+    """PatchSAE's image score is the mean over ALL the image's tokens, CLS included (the store's CLS is
+    offset by +50, so leaving it out or counting it twice shows), also for an SAE trained on patches."""
+    path, x, labels, valid = small_store
+    sae = make_sae(8, 24, seed=5, tokens=tokens)
+    run_topk({"a": sae}, path, tmp_path / "out", k=4, tau=0.2, block_images=6, quiet=True)
+    data = load_topk(tmp_path / "out")
+    z_all, images = oracle_latents(x, valid, sae, GRID, tokens="all")
+    assert data.index["rankings"] == ["max", "mean", "patchsae"] and data.index["has_cls"]
+    o = oracle_patchsae(z_all, images, labels[valid], k=4, tau=0.2, n_classes=3, grid=slice(1, 17))
+    assert_matches_patchsae(data.stats, o)
+    assert not np.array_equal(data.stats.patchsae_n_images_active, data.stats.n_images_active) or tokens == "all"
+    # ours are unchanged by computing PatchSAE's beside them
+    z, _ = oracle_latents(x, valid, sae, GRID, tokens=tokens)
+    ours = oracle_stats(z, images, labels[valid], k=4, tau=0.2, n_classes=3, grid=slice(1, 17) if tokens == "all" else None)
+    assert_matches_oracle(data.stats, ours, entropy_rtol=1e-6)
+    run_topk({"a": sae}, path, tmp_path / "off", k=4, block_images=6, patchsae=False, quiet=True)
+    off = load_topk(tmp_path / "off")
+    assert not off.stats.has_patchsae and off.index["rankings"] == ["max", "mean"]
 
 
 def test_topk_refuses_tokens_it_cannot_mine(small_store, tmp_path):

@@ -95,3 +95,41 @@ def test_a_flag_and_the_sweep_file_setting_one_key_is_an_error(store, tmp_path, 
     sweep.write_text('arch = "topk"\nk = 4\n[[sae]]\naux_coef = 0.1\n')
     r = _invoke(store, tmp_path, "--sweep", str(sweep), "--aux-coef", "0.5")
     assert r.exit_code == 2 and "--aux-coef" in r.output and "aux_coef" in r.output and not configs
+
+
+@pytest.mark.parametrize("args,named", [
+    (("--arch", "topk", "--k", "4", "--l1", "1"), "--l1"),            # relu-only flag, no relu SAE
+    (("--k", "4", "--arch", "relu"), "--k"),
+    (("--aux-coef", "0.1"), "--aux-coef"),                             # default arch relu: no auxiliary loss
+    (("--lr-min-frac", "0.1"), "--lr-min-frac"),                       # constant schedule
+    (("--n-patches", "4096", "--n-epochs", "2"), "--n-epochs"),         # the budget is n_patches
+    (("--n-patches", "4096", "--n-epochs", "1"), "--n-epochs"),         # even at its default value, when given
+])
+def test_a_flag_that_would_do_nothing_is_an_error(store, tmp_path, configs, args, named):
+    r = _invoke(store, tmp_path, *args)
+    assert r.exit_code == 2 and named in r.output and "Traceback" not in r.output and not configs, r.output
+
+
+def test_sweep_entry_keys_must_apply(store, tmp_path, configs):
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text('[[sae]]\narch = "topk"\nk = 4\nl1 = 2\n')
+    r = _invoke(store, tmp_path, "--sweep", str(sweep))
+    assert r.exit_code == 2 and "l1" in r.output
+    sweep.write_text('l1 = 2\n[[sae]]\narch = "topk"\nk = 4\n[[sae]]\narch = "relu"\n')  # used by the relu entry
+    assert _invoke(store, tmp_path, "--sweep", str(sweep)).exit_code == 0
+    sweep.write_text('aux_coef = 0.5\n[[sae]]\narch = "relu"\n')
+    r = _invoke(store, tmp_path, "--sweep", str(sweep))
+    assert r.exit_code == 2 and "aux_coef" in r.output
+
+
+def test_sae_flags_are_a_product_and_name_what_varies(store, tmp_path, configs):
+    assert _invoke(store, tmp_path, "--arch", "topk", "--k", "4,8", "--aux-coef", "0.1,0.2", "--width", "2x").exit_code == 0
+    (cfg,) = configs
+    assert sorted((s.k, s.aux_coef) for s in cfg.saes) == [(4, 0.1), (4, 0.2), (8, 0.1), (8, 0.2)]
+    assert len({s.name for s in cfg.saes}) == 4 and all("aux_coef" in s.name for s in cfg.saes)
+
+
+def test_unused_sae_fields_are_recorded_as_zero_and_refused_when_set():
+    assert SAEConfig("t", 4, 8, "topk", k=2).l1 == 0.0 and SAEConfig("r", 4, 8).aux_coef == 0.0
+    with pytest.raises(UserError, match="l1=3 is for relu"):
+        SAEConfig("t", 4, 8, "topk", k=2, l1=3.0)

@@ -125,6 +125,49 @@ def oracle_stats(z_ntl, images, labels, *, k, tau, n_classes, grid=None):
     return out
 
 
+def oracle_patchsae(z_all, images, labels, *, k, tau, n_classes, grid):
+    """PatchSAE's statistics by brute force in float64, straight from their definitions (tools/accumulate.py,
+    after PatchSAE's tasks/compute_sae_feature_data.py): `z_all` (n, T, L) holds the latents of EVERY token of
+    each image, CLS included; `grid` is the slice of the patch tokens (the exemplars' heatmaps)."""
+    z = np.asarray(z_all, dtype=np.float64)
+    n, t, n_lat = z.shape
+    score = z.mean(axis=1)  # a_j(img): mean over all tokens
+    cnt = (score > 0).sum(axis=0)
+    out = {"patchsae_n_images_active": cnt, "patchsae_sum_score": score.sum(axis=0), "patchsae_freq": cnt / n,
+           "patchsae_mean_act": np.array([score[score[:, j] > 0, j].mean() if cnt[j] else np.nan for j in range(n_lat)])}
+    cc = np.zeros((n_classes, n_lat), dtype=np.int64)
+    for i in range(n):
+        if 0 <= labels[i] < n_classes:
+            cc[labels[i]] += (z[i] > tau).sum(axis=0)  # tokens above tau, CLS included
+    out["patchsae_count_class"] = cc
+    imgs, vals = np.full((n_lat, k), -1, dtype=np.int64), np.zeros((n_lat, k))
+    labs, patches, ent = np.full((n_lat, k), -1, dtype=np.int64), np.zeros((n_lat, k, len(range(t)[grid]))), np.full(n_lat, np.nan)
+    for j in range(n_lat):
+        best = sorted(np.nonzero(score[:, j] > 0)[0], key=lambda i: (-score[i, j], images[i]))[:k]
+        imgs[j, : len(best)], vals[j, : len(best)], labs[j, : len(best)] = images[best], score[best, j], labels[best]
+        patches[j, : len(best)] = z[best][:, grid, j]
+        w = np.array([score[i, j] for i in best if labels[i] >= 0])
+        lab = np.array([labels[i] for i in best if labels[i] >= 0])
+        if w.sum() > 0:  # activation-weighted label distribution, natural log
+            pl = np.array([w[lab == c].sum() for c in np.unique(lab)]) / w.sum()
+            ent[j] = -(pl[pl > 0] * np.log(pl[pl > 0])).sum()
+    out["top_patchsae"] = {"images": imgs, "values": vals, "labels": labs, "patches": patches, "entropy": ent}
+    return out
+
+
+def assert_matches_patchsae(stats, o):
+    for f in ("patchsae_n_images_active", "patchsae_count_class"):
+        np.testing.assert_array_equal(getattr(stats, f), o[f], err_msg=f)
+    for f in ("patchsae_sum_score", "patchsae_freq", "patchsae_mean_act"):
+        np.testing.assert_allclose(getattr(stats, f), o[f], rtol=1e-6, atol=1e-6, equal_nan=True, err_msg=f)
+    e, oo = stats.top["patchsae"], o["top_patchsae"]
+    np.testing.assert_array_equal(e.images, oo["images"])
+    np.testing.assert_array_equal(e.labels, oo["labels"])
+    np.testing.assert_allclose(e.values, oo["values"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(e.patches, oo["patches"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(e.entropy, oo["entropy"], rtol=1e-6, atol=1e-9, equal_nan=True)
+
+
 def assert_matches_oracle(stats, o, counts=None, valid_images=None, entropy_rtol=1e-9):
     """Compare a LatentStats (and optionally the sparse image counts) with oracle_stats' output. The entropy
     is exact to 1e-9 when the scores are exact in float32 (dyadic means); a mean over 17 tokens is not."""

@@ -26,6 +26,19 @@ first block). Definitions (a latent is "active" on a patch when its value is > 0
 * `entropy`: each label's share of the summed scores of the labeled exemplars, H = -sum p ln p (natural
   log); NaN when no labeled exemplar has a positive score.
 
+PatchSAE's definitions (Lim et al. 2025, `tasks/compute_sae_feature_data.py` and
+`compute_class_wise_sae_activation.py`), beside ours when `patchsae=True`, over ALL T tokens fed (the
+pass feeds every stored token: CLS included when the store has one, registers too when they were kept),
+whatever is mined; PatchSAE applies its SAE to every token, CLS included, so an SAE trained on patches
+is applied to the CLS token here as well:
+* image score `a(img)` = mean of the latent over the image's T tokens;
+* `patchsae_freq` = images with a(img) > 0 / valid images;
+* `patchsae_mean_act` = mean of a(img) over those images (NaN when there is none, as in PatchSAE);
+* exemplars `patchsae`: the k images with the largest a(img) > 0 (our tie rule), their entropy as ours
+  (PatchSAE also adds 1e-9 inside the log and reports -1 for fewer than k exemplars or no labels; we
+  report the entropy of whatever exemplars there are, NaN without labels);
+* `patchsae_count_class`: per class, the tokens (all T, CLS included) with value > tau.
+
 Memory is independent of the number of images: the running exemplars take 2 rankings * k * L * T * 4 bytes
 (the patch activations of each exemplar are kept as it enters the top-k, so no second pass over the
 store is needed), the counters O(L * n_classes). Per-image counts are returned per block, sparsely, for
@@ -42,6 +55,11 @@ import torch
 
 RANKINGS = ("max", "mean")
 """How an image is scored for a latent: its largest patch value, or the mean over its patches."""
+PATCHSAE_RANKING = "patchsae"
+"""PatchSAE's ranking: the mean over all the image's tokens, CLS included."""
+RANKING_TITLES = {"max": "by maximum patch activation", "mean": "by mean activation over the image's patches",
+                  PATCHSAE_RANKING: "by PatchSAE's score (mean over all the image's tokens, CLS included)"}
+"""What each ranking is, in words (report headings, plot labels)."""
 
 
 class Exemplars(NamedTuple):
@@ -81,7 +99,13 @@ class LatentStats(NamedTuple):
     count_class: np.ndarray
     """(n_classes, L) int64 patches with value > tau summed over each class's images."""
     top: dict
-    """ranking name ("max", "mean") -> Exemplars."""
+    """ranking name ("max", "mean", and "patchsae" when computed) -> Exemplars."""
+    patchsae_n_images_active: np.ndarray | None = None
+    """(L,) int64 images whose PatchSAE score (mean over all tokens) is > 0; None when not computed."""
+    patchsae_sum_score: np.ndarray | None = None
+    """(L,) float64 sum of the PatchSAE scores over all images."""
+    patchsae_count_class: np.ndarray | None = None
+    """(n_classes, L) int64 tokens (all of them, CLS included) with value > tau, summed over each class's images."""
 
     @property
     def freq_patch(self) -> np.ndarray:
@@ -94,6 +118,21 @@ class LatentStats(NamedTuple):
     @property
     def mean_active(self) -> np.ndarray:
         return np.divide(self.sum_active, self.n_patches_active, out=np.zeros(self.sum_active.shape), where=self.n_patches_active > 0)
+
+    @property
+    def has_patchsae(self) -> bool:
+        return self.patchsae_n_images_active is not None
+
+    @property
+    def patchsae_freq(self) -> np.ndarray:
+        """PatchSAE's activated frequency: the fraction of images with score > 0."""
+        return self.patchsae_n_images_active / max(1, self.n_images)
+
+    @property
+    def patchsae_mean_act(self) -> np.ndarray:
+        """PatchSAE's mean activation: the mean score over the images where it is > 0 (NaN where none)."""
+        n = self.patchsae_n_images_active
+        return np.divide(self.patchsae_sum_score, n, out=np.full(n.shape, np.nan), where=n > 0)
 
 
 class ImageCounts(NamedTuple):
@@ -247,10 +286,10 @@ class LatentAccumulator:
 
     def __init__(self, d_sae: int, n_tokens: int, *, k: int = 16, tau: float = 0.2, n_classes: int = 0, device="cpu", scratch=None,
                  chunk_images: int | None = None, grid_tokens: tuple[int, int] | None = None,
-                 mined_tokens: tuple[int, int] | None = None):
+                 mined_tokens: tuple[int, int] | None = None, patchsae: bool = False):
         """`n_tokens`: T, the tokens per image of the latents fed. `grid_tokens`: (first, count) of the patch
         grid's tokens (default: all T); `mined_tokens`: [start, stop) of the tokens the statistics cover
-        (default: the grid)."""
+        (default: the grid). `patchsae`: also PatchSAE's statistics, over all T tokens."""
         if k < 1:
             raise ValueError(f"k={k} must be at least 1.")
         if tau < 0:
@@ -279,16 +318,23 @@ class LatentAccumulator:
         """Per class, and a last row that collects unlabeled images (label < 0 or >= n_classes) and is dropped:
         routing them there instead of selecting the labeled rows spares a device-to-host sync per chunk."""
         self.count_class = self._count_class[:n_classes]
-        self.top = {r: _RunningTopK(k, d_sae, n_grid, dev) for r in RANKINGS}
+        self.patchsae = bool(patchsae)
+        rankings = RANKINGS + ((PATCHSAE_RANKING,) if self.patchsae else ())
+        self.top = {r: _RunningTopK(k, d_sae, n_grid, dev) for r in rankings}
+        if self.patchsae:
+            self.ps_n_images_active = torch.zeros(d_sae, dtype=torch.int64, device=dev)
+            self.ps_sum_score = torch.zeros(d_sae, dtype=torch.float64, device=dev)
+            self._ps_count_class = torch.zeros((n_classes + 1, d_sae), dtype=torch.int64, device=dev)
         self.scratch = scratch if scratch is not None else Scratch()
         """Chunk buffers; accumulators of one pass share them (they run one after another)."""
 
     @staticmethod
-    def bytes_needed(d_sae: int, n_patches: int, k: int, n_classes: int = 0) -> int:
+    def bytes_needed(d_sae: int, n_patches: int, k: int, n_classes: int = 0, patchsae: bool = False) -> int:
         """Memory the accumulator holds, whatever the number of images (the shared chunk buffers aside);
         `n_patches`: the grid's patches (each exemplar keeps their values)."""
         per_rank = k * d_sae * (4 + 8 + 4 + 4 * n_patches)
-        return len(RANKINGS) * per_rank + d_sae * (8 * 5 + 4) + n_classes * d_sae * 8
+        n_rank = len(RANKINGS) + bool(patchsae)
+        return n_rank * per_rank + d_sae * (8 * 5 + 4 + 16 * bool(patchsae)) + n_classes * d_sae * 8 * (1 + bool(patchsae))
 
     @torch.no_grad()
     def update(self, z_ntl: torch.Tensor, images: np.ndarray, labels: np.ndarray) -> ImageCounts:
@@ -360,11 +406,36 @@ class LatentAccumulator:
             self._count_class.index_add_(0, torch.where(labeled, labels_t, self.n_classes).long(), count_nl.long())
 
         g0 = self.grid_tokens[0]
+        if self.patchsae:  # before the top-k merges: `mask` still holds z > tau
+            self._patchsae(z, zm, img_sum, count_nl, mask, labels_t, images_t, g0)
         self.top["max"].update(img_max, z, images_t, labels_t, g0)
         self.top["mean"].update(img_sum / (m1 - m0), z, images_t, labels_t, g0)
         return _sparse_counts(count_nl, images)
 
+    def _patchsae(self, z, zm, img_sum, count_nl, mask_tau, labels_t, images_t, g0: int) -> None:
+        """PatchSAE's statistics of one chunk, over all T tokens: the mined tokens' sums and counts plus those
+        of the other tokens (the CLS token and registers, a thin slice), rather than a second pass over z."""
+        m0, m1 = self.mined_tokens
+        t = z.shape[1]
+        all_sum, all_count = img_sum, count_nl
+        if zm is not z:
+            rest = [(a, b) for a, b in ((0, m0), (m1, t)) if b > a]
+            all_sum = img_sum + sum(z[:, a:b].sum(dim=1) for a, b in rest)
+            all_count = count_nl + sum(mask_tau[:, a:b].sum(dim=1).to(torch.int32) for a, b in rest)
+        score = all_sum / t
+        self.ps_n_images_active += (score > 0).sum(dim=0)
+        self.ps_sum_score += score.sum(dim=0, dtype=torch.float64)
+        if self.n_classes:
+            labeled = (labels_t >= 0) & (labels_t < self.n_classes)
+            self._ps_count_class.index_add_(0, torch.where(labeled, labels_t, self.n_classes).long(), all_count.long())
+        self.top[PATCHSAE_RANKING].update(score, z, images_t, labels_t, g0)
+
     def result(self) -> LatentStats:
+        ps = {}
+        if self.patchsae:
+            ps = {"patchsae_n_images_active": self.ps_n_images_active.cpu().numpy(),
+                  "patchsae_sum_score": self.ps_sum_score.cpu().numpy(),
+                  "patchsae_count_class": self._ps_count_class[: self.n_classes].cpu().numpy()}
         return LatentStats(
             n_images=self.n_images,
             n_patches=self.n_patches,
@@ -376,4 +447,5 @@ class LatentAccumulator:
             count_dataset=self.count_dataset.cpu().numpy(),
             count_class=self.count_class.cpu().numpy(),
             top={r: t.result() for r, t in self.top.items()},
+            **ps,
         )

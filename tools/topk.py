@@ -18,9 +18,11 @@ looks finished; a rerun with `overwrite` starts over):
 
     OUT/index.json                      what was computed: store, hook, k, tau, class names, SAEs (each with
                                         the tokens it was mined on)
-    OUT/<sae>/stats.safetensors         per-latent vectors (d_sae,) and count_class (n_classes, d_sae)
+    OUT/<sae>/stats.safetensors         per-latent vectors (d_sae,) and count_class (n_classes, d_sae); with
+                                        PatchSAE's statistics, patchsae_{n_images_active,sum_score} (d_sae,)
+                                        and patchsae_count_class (n_classes, d_sae)
     OUT/<sae>/exemplars.safetensors     <ranking>_{values,images,labels,entropy} (d_sae, k) / (d_sae,),
-                                        <ranking>_patches (d_sae, k, T), ranking in {max, mean}
+                                        <ranking>_patches (d_sae, k, P), ranking in {max, mean, patchsae}
     OUT/<sae>/image_counts.zarr         sparse per-image counts: 1-D arrays image, latent, count
 """
 
@@ -45,7 +47,8 @@ from saev_store import __version__
 from saev_store.errors import UserError
 from saev_store.store import Store, open_store
 
-from .accumulate import RANKINGS, Exemplars, ImageCounts, LatentAccumulator, LatentStats, Scratch
+from .accumulate import PATCHSAE_RANKING, RANKINGS, Exemplars, ImageCounts, LatentAccumulator, LatentStats, Scratch
+from .config import MINED_TOKENS, TopkConfig
 
 INDEX_FNAME = "index.json"
 STATS_FNAME = "stats.safetensors"
@@ -53,10 +56,10 @@ EXEMPLARS_FNAME = "exemplars.safetensors"
 COUNTS_DNAME = "image_counts.zarr"
 FORMAT = "saev-tools-topk"
 FORMAT_VERSION = 2
-MINED_TOKENS = ("patches", "all")
-"""Token selections an SAE can be mined on (its training tokens): heatmaps need the patch grid, so `cls` is not one."""
 
 STAT_FIELDS = ("n_patches_active", "n_images_active", "sum_active", "max_act", "count_dataset", "count_class")
+PATCHSAE_FIELDS = ("patchsae_n_images_active", "patchsae_sum_score", "patchsae_count_class")
+"""PatchSAE's statistics (tools/accumulate.py), in stats.safetensors when computed."""
 _COUNTS_FLUSH = 1 << 20  # sparse count entries buffered before an append to Zarr (12 MiB)
 
 
@@ -212,31 +215,19 @@ def run_topk(
     saes: Mapping | str | os.PathLike,
     store: Store | str | os.PathLike | None = None,
     out_dpath: str | os.PathLike | None = None,
-    *,
-    hook: str | None = None,
-    tokens: str | None = None,
-    k: int = 16,
-    tau: float = 0.2,
-    memory_mb: float = 1024,
-    block_images: int | None = None,
-    device: str = "cpu",
-    n_readers: int = 4,
-    overwrite: bool = False,
-    quiet: bool = False,
+    **options,
 ) -> TopkResult:
     """Stream the store once through every SAE and write the per-latent statistics to `out_dpath`.
 
     `saes`: {name: SAE} or a run / SAE folder. `store`: defaults to the store the SAEs were trained on.
-    `tokens`: for SAEs that do not record their training tokens (see `mined_tokens`).
-    `out_dpath`: defaults to `<run or SAE folder>/topk`. `block_images` overrides the size planned from
-    `memory_mb`. `n_readers`: store chunks read ahead in parallel by the ordered loader.
+    `out_dpath`: defaults to `<run or SAE folder>/topk`. `options`: the other TopkConfig fields (`k`,
+    `tau`, `tokens`, `block_images` instead of `memory_mb`, `n_readers` ...).
     """
     from tqdm.auto import tqdm
 
-    if k < 1:
-        raise UserError(f"k={k}: ask for at least one exemplar per latent.")
-    if tau < 0:
-        raise UserError(f"tau={tau} must be >= 0.")
+    cfg = TopkConfig(store=store, out_dpath=None if out_dpath is None else str(out_dpath), **options)
+    store, out_dpath, hook, tokens, k, tau = cfg.store, cfg.out_dpath, cfg.hook, cfg.tokens, cfg.k, cfg.tau
+    block_images, device, quiet = cfg.block_images, cfg.device, cfg.quiet
     src_dpath = None
     if not isinstance(saes, Mapping):
         src_dpath = str(saes)
@@ -263,7 +254,7 @@ def run_topk(
         out_dpath = os.path.join(src_dpath, "topk")
     out = pathlib.Path(out_dpath)
     if out.exists():
-        if not overwrite:
+        if not cfg.overwrite:
             raise UserError(f"{out} already exists; pass --overwrite to replace it or --out to write elsewhere.")
         if not (out / INDEX_FNAME).is_file():
             raise UserError(f"{out} exists and is not a topk folder (no {INDEX_FNAME}); refusing to delete it. Choose another --out.")
@@ -277,7 +268,7 @@ def run_topk(
     mined = {name: (int(idx[0]), int(idx[-1]) + 1) for name, idx in ((n, info.layout.indices(t)) for n, t in sel.items())}
     n_classes = n_classes_of(st)
     if block_images is None:
-        block_images = plan_block_images(n_tokens, info.d, memory_mb)
+        block_images = plan_block_images(n_tokens, info.d, cfg.memory_mb)
     block_images = int(max(1, block_images))
     valid = st.valid()
     n_valid = int(valid.sum())
@@ -291,7 +282,7 @@ def run_topk(
             sae.eval()
     scratch = Scratch()  # one mask buffer for all SAEs: they are processed one after another
     accs = {n: LatentAccumulator(s.d_sae, n_tokens, k=k, tau=tau, n_classes=n_classes, device=device, scratch=scratch,
-                                 grid_tokens=grid_tokens, mined_tokens=mined[n]) for n, s in saes.items()}
+                                 grid_tokens=grid_tokens, mined_tokens=mined[n], patchsae=cfg.patchsae) for n, s in saes.items()}
     writers = {n: _CountsWriter(partial / n / COUNTS_DNAME) for n in saes}
 
     n_blocks = 0
@@ -299,7 +290,7 @@ def run_topk(
     bar = tqdm(total=n_valid, unit="img", disable=quiet, desc=f"topk {len(saes)} SAE(s)")
     try:
         with torch.inference_mode():
-            for acts_ntd, images, labels in iter_image_blocks(st, hook, block_images, n_readers=n_readers):
+            for acts_ntd, images, labels in iter_image_blocks(st, hook, block_images, n_readers=cfg.n_readers):
                 n = acts_ntd.shape[0]
                 x = acts_ntd.to(device, torch.float32).reshape(n * n_tokens, info.d)
                 for name, sae in saes.items():
@@ -336,7 +327,9 @@ def run_topk(
         "n_store_images": st.n_images,
         "k": k,
         "tau": tau,
-        "rankings": list(RANKINGS),
+        "rankings": list(RANKINGS) + ([PATCHSAE_RANKING] if cfg.patchsae else []),
+        "patchsae": cfg.patchsae,
+        "has_cls": info.layout.cls is not None,
         "has_labels": has_labels,
         "class_names": st.class_names,
         "n_classes": n_classes,
@@ -430,7 +423,7 @@ def load_image_counts(dpath: str | os.PathLike) -> ImageCounts:
 
 def _write_stats(dpath: pathlib.Path, s: LatentStats) -> None:
     dpath.mkdir(parents=True, exist_ok=True)
-    vectors = {f: np.ascontiguousarray(getattr(s, f)) for f in STAT_FIELDS}
+    vectors = {f: np.ascontiguousarray(getattr(s, f)) for f in STAT_FIELDS + PATCHSAE_FIELDS if getattr(s, f) is not None}
     safetensors.numpy.save_file(
         vectors, str(dpath / STATS_FNAME), metadata={"n_images": str(s.n_images), "n_patches": str(s.n_patches), "tau": repr(s.tau)}
     )
@@ -472,6 +465,6 @@ def load_topk(dpath: str | os.PathLike, name: str | None = None) -> TopkData:
     top = {r: Exemplars(*(ex[f"{r}_{f}"] for f in Exemplars._fields)) for r in index["rankings"]}
     stats = LatentStats(
         n_images=int(index["n_images"]), n_patches=int(index["saes"][name]["n_mined"]), tau=float(index["tau"]), top=top,
-        **{f: vec[f] for f in STAT_FIELDS}
+        **{f: vec[f] for f in STAT_FIELDS + PATCHSAE_FIELDS if f in vec}
     )
     return TopkData(str(dpath), name, index, stats)

@@ -15,7 +15,7 @@ from saev_store.datasets.base import BadImageError, ImageSource
 from saev_store.datasets.images import decode_image, to_rgb
 from saev_store.errors import UserError
 
-__all__ = ["create_dataset", "infer_kind", "list_datasets", "dataset_help", "ImageSource", "BadImageError", "to_rgb", "decode_image"]
+__all__ = ["DATASET_KINDS", "create_dataset", "infer_kind", "list_datasets", "dataset_help", "ImageSource", "BadImageError", "to_rgb", "decode_image"]
 
 _KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "fashion-mnist": ("Fashion-MNIST idx files (default root /usr/share/datasets/fashion-mnist; "
@@ -24,6 +24,8 @@ _KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "hf-disk": ("a Hugging Face datasets directory written by save_to_disk", ("image_column", "label_column")),
 }
 """kind -> (one-line description, options it accepts)."""
+DATASET_KINDS: tuple[str, ...] = tuple(_KINDS)
+"""The dataset kinds, named once (RecordConfig's `dataset` choices)."""
 
 
 def list_datasets() -> list[str]:
