@@ -126,7 +126,7 @@ def expand(spec: dict, d_in: int, seed: int = 0, start_index: int = 0, *, strict
     if strict and unused_keys(spec):
         bad = unused_keys(spec)
         ax = axes()
-        raise UserError(f"{', '.join(ax[k].spec.flag for k in bad)} ({', '.join(bad)}) only apply to "
+        raise UserError(f"{', '.join(ax[k].spec.flag for k in bad)} ({', '.join(bad)}) only appl{'y' if len(bad) > 1 else 'ies'} to "
                         f"{' / '.join(sorted({a for k in bad for a in ax[k].archs}))} SAEs, and none of these is one "
                         f"(arch {', '.join(_archs(spec))}): they would do nothing. Leave them out.")
     out = []
