@@ -1,4 +1,5 @@
-"""Command-line options made from config dataclasses: each option is declared once, as a field.
+"""Command-line options made from config dataclasses: each option is declared once, as a field
+(ARCHITECTURE.md, "Options: one declaration each").
 
 A config dataclass (`RecordConfig`, `trainers.config.TrainConfig` / `SAEConfig`, the `tools.config`
 classes) is the one place an option lives: the field's name gives its flag (`batch_size` ->
