@@ -1,5 +1,5 @@
 # saev-store: `make demo` (record -> train nine SAEs -> exemplars and HTML report on the embedded
-# default) and `make test`. Both set everything up from a fresh clone (Python 3.10+, pip, apt as root
+# default) and `make test`. Both set everything up from a fresh clone (Python 3.11+, pip, apt as root
 # or with sudo for the Fashion-MNIST files and the headless browser the report test drives).
 
 PYTHON ?= python3

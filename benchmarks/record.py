@@ -34,7 +34,7 @@ from saev_store.layout import TokenLayout
 from saev_store.models import create_model
 from saev_store.record import RecordConfig, record, resolve_hooks
 from saev_store.store import HookSpec, create_store
-from saev_store.writer import Block, BlockWriter
+from saev_store.writer import BlockWriter, RecordedChunk
 
 
 def bench_overlap(args, tmp_dpath: str) -> dict:
@@ -141,7 +141,7 @@ def bench_write(args, tmp_dpath: str) -> dict:
         for i in range(st.n_chunks):
             a, b = st.chunk_bounds(i)
             n = b - a
-            writer.submit(Block(i, {"h": block[:n]}, labels[:n], [str(j) for j in range(a, b)], np.ones(n, bool)))
+            writer.submit(RecordedChunk(i, {"h": block[:n]}, labels[:n], [str(j) for j in range(a, b)], np.ones(n, bool)))
     os.sync()
     store_s = time.perf_counter() - t0
 

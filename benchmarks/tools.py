@@ -59,7 +59,7 @@ def make_saes(n_saes: int, d: int, d_sae: int, seed: int) -> dict:
             "b_enc": torch.full((d_sae,), -2.65),
             "b_dec": torch.zeros(d),
         }
-        saes[f"sae{j}"] = SAE({"architecture": "standard", "d_in": d, "d_sae": d_sae}, w, {"hook": "h"})
+        saes[f"sae{j}"] = SAE({"architecture": "standard", "d_in": d, "d_sae": d_sae}, w, {"hook": "h", "tokens": "patches"})
     return saes
 
 
@@ -84,7 +84,7 @@ def child(args) -> None:
             prof = cProfile.Profile()
             prof.enable()
         res = run_topk(saes, args.store, args.out, k=args.k, memory_mb=args.memory_mb, device=args.device, n_readers=args.readers,
-                       overwrite=True, quiet=True)
+                       patchsae=not args.no_patchsae, overwrite=True, quiet=True)
         if prof is not None:
             import pstats
 
@@ -138,7 +138,7 @@ def device_check(device: str, tmp: str) -> None:
     w = {"W_enc": torch.from_numpy(rng.integers(-2, 3, size=(8, 64)) / 4).float(), "W_dec": torch.zeros(64, 8),
          "b_enc": torch.from_numpy(rng.integers(-6, 2, size=64) / 8).float(), "b_dec": torch.zeros(8)}
     for dev in ("cpu", device):
-        sae = SAE({"architecture": "standard", "d_in": 8, "d_sae": 64}, w, {"hook": "h"})
+        sae = SAE({"architecture": "standard", "d_in": 8, "d_sae": 64}, w, {"hook": "h", "tokens": "patches"})
         run_topk({"a": sae}, path, os.path.join(tmp, "check-ref" if dev == "cpu" else "check-dev"), k=5, block_images=6, device=dev, quiet=True)
     a, b = load_topk(os.path.join(tmp, "check-ref")), load_topk(os.path.join(tmp, "check-dev"))
     for f in ("n_patches_active", "n_images_active", "sum_active", "max_act", "count_dataset", "count_class"):
@@ -184,6 +184,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--readers", type=int, default=4, help="store chunks read ahead in parallel")
+    p.add_argument("--no-patchsae", action="store_true", help="mine without PatchSAE's statistics (saev-tools topk --no-patchsae)")
     p.add_argument("--profile", action="store_true", help="print a cProfile of the last pass (per store size)")
     p.add_argument("--repeats", type=int, default=2, help="alternations of pass and baseline (best of each counts)")
     p.add_argument("--dir", default=None, help="where to build the stores (default: a temporary folder)")
@@ -205,7 +206,7 @@ def main() -> None:
             t0 = time.perf_counter()
             build_store(store, n, args.d, args.grid, args.seed)
             print(f"built a store of {n} images x {args.grid * args.grid + 1} tokens x d={args.d} in {time.perf_counter() - t0:.1f} s", flush=True)
-            cmd = [sys.executable, __file__, "--child", "--store", store, "--out", os.path.join(tmp, f"topk{n}")] + ["--profile"] * args.profile
+            cmd = [sys.executable, __file__, "--child", "--store", store, "--out", os.path.join(tmp, f"topk{n}")] + ["--profile"] * args.profile + ["--no-patchsae"] * args.no_patchsae
             for key in ("d", "grid", "d_sae", "n_saes", "k", "memory_mb", "device", "threads", "seed", "repeats", "readers"):
                 cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
             proc = subprocess.run(cmd, capture_output=True, text=True)

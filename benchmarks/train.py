@@ -158,7 +158,7 @@ def store_passes(args, saes, tmp: pathlib.Path) -> tuple[float, float]:
 
     run(len(saes), "warmup", args.batch_size)  # imports, thread pools, kernels: paid once, before timing
     walls = []
-    # Cold: the store's pages are dropped while training (DESIGN.md, Loading), standing in for a store
+    # Cold: the store's pages are dropped while training (ARCHITECTURE.md, Loading), standing in for a store
     # larger than RAM, where nine passes really read the disk nine times.
     with Evictor(chunk_files(st, "h"), enabled=not args.warm):
         for parallel in (len(saes), 1):

@@ -10,6 +10,7 @@ reads under the same eviction, in the same run, and the loader is reported as a 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -19,8 +20,10 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import UserError
+from .layout import TokenSelection
 from .loaders import DEFAULT_BUFFER_MB, DEFAULT_N_READERS, ShuffledLoader
 from .loaders.chunks import as_store
+from .options import check_choices
 from .store import Store
 
 EVICT_INTERVAL_S = 0.1
@@ -216,20 +219,38 @@ class BenchResult(NamedTuple):
         return self.loader.distinct_images / self.perfect_distinct
 
 
-def bench(
-    store: Store | str | os.PathLike,
-    hook: str | None = None,
-    *,
-    warm: bool = False,
-    batch_size: int = 4096,
-    buffer_mb: float = DEFAULT_BUFFER_MB,
-    n_readers: int = DEFAULT_N_READERS,
-    seconds: float = 10.0,
-    tokens: str = "patches",
-) -> BenchResult:
-    """Raw sequential read, then the shuffled loader, on the same chunk files, cold unless `warm`."""
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """What `saev-store bench` measures (its options, saev_store/options.py)."""
+
+    hook: str | None = None
+    """Hook to read (default: the store's first hook)."""
+    warm: bool = False
+    """Measure with the store in the page cache instead of evicting it."""
+    batch_size: int = 4096
+    """Rows per batch."""
+    buffer_mb: float = DEFAULT_BUFFER_MB
+    """Shuffle buffer size in MiB."""
+    n_readers: int = DEFAULT_N_READERS
+    """Chunk reads in flight."""
+    tokens: TokenSelection = "patches"
+    """Token selection."""
+    seconds: float = 10.0
+    """Length of each measurement."""
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.batch_size < 1 or self.n_readers < 1 or not self.buffer_mb > 0 or not self.seconds > 0:
+            raise UserError("bench needs --batch-size >= 1, --n-readers >= 1, --buffer-mb > 0 and --seconds > 0.")
+
+
+def bench(store: Store | str | os.PathLike, cfg: BenchConfig | None = None, **options) -> BenchResult:
+    """Raw sequential read, then the shuffled loader, on the same chunk files, cold unless `cfg.warm`;
+    `options` are BenchConfig fields (`bench(store, hook="h", seconds=2)`)."""
+    cfg = dataclasses.replace(cfg or BenchConfig(), **options)
+    warm, batch_size, seconds, tokens = cfg.warm, cfg.batch_size, cfg.seconds, cfg.tokens
     store = as_store(store)
-    hook = hook or store.hooks[0]
+    hook = cfg.hook or store.hooks[0]
     info = store.hook(hook)
     fpaths = chunk_files(store, hook)
     if warm:
@@ -238,7 +259,8 @@ def bench(
     if warm:
         cache_pages(fpaths)
     res = loader_read(
-        store, hook, seconds=seconds, cold=not warm, batch_size=batch_size, buffer_mb=buffer_mb, n_readers=n_readers, tokens=tokens
+        store, hook, seconds=seconds, cold=not warm, batch_size=batch_size, buffer_mb=cfg.buffer_mb, n_readers=cfg.n_readers,
+        tokens=tokens,
     )
     n_sel = int(store.valid().sum())
     t_sel = info.layout.indices(tokens).size

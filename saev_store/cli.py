@@ -1,4 +1,11 @@
-"""`saev-store`: record, inspect, verify and benchmark activation stores. A thin face over the API."""
+"""`saev-store`: record, inspect, verify and benchmark activation stores. A thin face over the API.
+
+Every option of `record` and `bench` is a field of `RecordConfig` / `BenchConfig` (saev_store/options.py
+makes the flags from them).
+
+    saev-store record --out demo.zarr
+    accelerate launch -m saev_store.cli record --out vit.zarr ...     # one process per GPU
+"""
 
 from __future__ import annotations
 
@@ -7,65 +14,27 @@ import sys
 
 import click
 
-from .errors import cli_errors
-from .loaders import DEFAULT_BUFFER_MB, DEFAULT_N_READERS
+from .bench import BenchConfig
+from .errors import cli_class
+from .options import build, given, options
+from .record import RecordConfig
+
+ON_INTERRUPT = "finished chunks are kept; rerun the same command to resume."
 
 
-_user_errors = cli_errors("finished chunks are kept; rerun the same command to resume.")
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=cli_class(click.Group, ON_INTERRUPT), context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="saev-store")
 def main():
     """Record vision-model activations into a Zarr v3 store, inspect, verify and benchmark it."""
 
 
-def _floats3(value):
-    if value is None:
-        return None
-    parts = [float(v) for v in value.split(",")]
-    if len(parts) != 3:
-        raise click.BadParameter("give three comma-separated numbers, e.g. 0.485,0.456,0.406")
-    return tuple(parts)
-
-
 @main.command()
-@click.option("--out", required=True, help="Store to create or resume (NAME.zarr, or a Zarr store URL).")
-@click.option("--model", default="efficientnet:lite0", show_default=True, help="BACKEND:NAME, e.g. timm:vit_base_patch16_224, open_clip:ViT-B-16, hf:DIR, torchvision:resnet50.")
-@click.option("--weights", default=None, help="Local weights file or directory (never downloaded).")
-@click.option("--hook", "hooks", multiple=True, help="Module path to record; repeat for several. See `saev-store hooks`.")
-@click.option("--layer", "layers", multiple=True, type=int, help="Layer N: a ViT's residual stream after block N, a CNN's stage/block N; repeatable.")
-@click.option("--dataset", default="fashion-mnist", show_default=True, help="Dataset kind: fashion-mnist, folder, hf-disk.")
-@click.option("--data", default=None, help="Dataset root (default for fashion-mnist: /usr/share/datasets/fashion-mnist).")
-@click.option("--split", default="train", show_default=True, help="Dataset split.")
-@click.option("--image-column", default=None, help="hf-disk: image column (default image).")
-@click.option("--label-column", default=None, help="hf-disk: label column (default label).")
-@click.option("--batch-size", default=64, show_default=True, type=int)
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda, cuda:1.")
-@click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]), help="float16/bfloat16 halve the disk.")
-@click.option("--tokens", default="all", show_default=True, type=click.Choice(["all", "patches", "cls"]), help="Which tokens to store.")
-@click.option("--keep-registers", is_flag=True, help="Keep ViT register tokens (dropped by default).")
-@click.option("--limit", default=None, type=int, help="Record only the first N images.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--num-workers", default=1, show_default=True, type=int, help="Image-decoding worker processes.")
-@click.option("--skip-bad", is_flag=True, help="Record unreadable images as invalid instead of stopping.")
-@click.option("--overwrite", is_flag=True, help="Delete an existing store at --out and start over.")
-@click.option("--chunk-mib", default=32, show_default=True, type=int, help="Target chunk size (8-64 MiB).")
-@click.option("--images-per-chunk", default=None, type=int, help="Images per chunk, overriding --chunk-mib.")
-@click.option("--image-size", default=None, type=int, help="Override the model's input size (square).")
-@click.option("--mean", default=None, help="Override normalization mean, e.g. 0.485,0.456,0.406.")
-@click.option("--std", default=None, help="Override normalization std.")
-@click.option("--jpeg-draft-mpx", default=None, type=click.FloatRange(min=0), metavar="MPX",
-              help="Decode JPEGs over MPX megapixels at 1/2-1/8 scale (never below the resize): faster for huge photos, "
-                   "but not the pixels the model's library would see. Default: full size. Recorded in the store.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@_user_errors
-def record(image_column, label_column, mean, std, hooks, layers, **kw):
+@options(RecordConfig)
+def record(**params):
     """Run a model over a dataset and store per-token activations (resumes an interrupted run)."""
-    from .record import RecordConfig, record as run_record
+    from .record import record as run_record
 
-    opts = {k: v for k, v in {"image_column": image_column, "label_column": label_column}.items() if v is not None}
-    cfg = RecordConfig(hooks=tuple(hooks), layers=tuple(layers), dataset_options=opts, mean=_floats3(mean), std=_floats3(std), **kw)
+    cfg = build(RecordConfig, params, explicit=given())
     res = run_record(cfg)
     if res.get("already_complete"):
         click.echo(f"{cfg.out} is already complete; nothing to do (pass --overwrite to record it again).")
@@ -81,7 +50,6 @@ def record(image_column, label_column, mean, std, hooks, layers, **kw):
 @main.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_user_errors
 def info(store, as_json):
     """Hooks, shapes, dtype, size on disk, completion and metadata of a store."""
     from .store import open_store
@@ -94,7 +62,6 @@ def info(store, as_json):
 @main.command()
 @click.argument("store")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@_user_errors
 def verify(store, quiet):
     """Read every chunk, check checksums, shapes and completion; exit 1 naming every bad chunk."""
     from tqdm import tqdm
@@ -114,10 +81,8 @@ def verify(store, quiet):
 
 
 @main.command()
-@click.option("--model", default="efficientnet:lite0", show_default=True, help="BACKEND:NAME.")
-@click.option("--weights", default=None, help="Local weights file or directory.")
+@options(RecordConfig, only=("model", "weights"))
 @click.option("--all", "show_all", is_flag=True, help="List every module, not only the numbered layers.")
-@_user_errors
 def hooks(model, weights, show_all):
     """List a model's hookable modules with their output shapes, and what --layer N means."""
     from .models import create_model
@@ -137,15 +102,8 @@ def hooks(model, weights, show_all):
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
-@click.option("--hook", default=None, help="Hook to read (default: the store's first hook).")
-@click.option("--warm", is_flag=True, help="Measure with the store in the page cache instead of evicting it.")
-@click.option("--batch-size", default=4096, show_default=True, type=click.IntRange(min=1), help="Rows per batch.")
-@click.option("--buffer-mb", default=DEFAULT_BUFFER_MB, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Shuffle buffer size in MiB.")
-@click.option("--n-readers", default=DEFAULT_N_READERS, show_default=True, type=click.IntRange(min=1), help="Chunk reads in flight.")
-@click.option("--tokens", default="patches", show_default=True, type=click.Choice(["patches", "cls", "all"]), help="Token selection.")
-@click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Length of each measurement.")
-@_user_errors
-def bench(store, hook, warm, batch_size, buffer_mb, n_readers, tokens, seconds):
+@options(BenchConfig)
+def bench(store, **params):
     """Measure loader throughput on STORE against a raw sequential read of the same chunk files.
 
     Cold by default: the store's pages are dropped from the page cache before and during both
@@ -154,11 +112,8 @@ def bench(store, hook, warm, batch_size, buffer_mb, n_readers, tokens, seconds):
     from .bench import bench as run_bench
     from .bench import format_bench
 
-    result = run_bench(
-        store, hook, warm=warm, batch_size=batch_size, buffer_mb=buffer_mb, n_readers=n_readers, seconds=seconds, tokens=tokens
-    )
-    click.echo(format_bench(result))
+    click.echo(format_bench(run_bench(store, build(BenchConfig, params, explicit=given()))))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # `accelerate launch -m saev_store.cli record ...`, `torchrun -m saev_store.cli record ...`
     main()

@@ -29,3 +29,16 @@ def cli_errors(on_interrupt: str):
         return wrapper
 
     return decorate
+
+
+def cli_class(base, on_interrupt: str):
+    """A click Command or Group class (`base`) that reports errors as `cli_errors` says, for the whole
+    command line: every subcommand, and whatever its callback raises. The three CLIs (saev-store,
+    saev-train, saev-tools) use it, so a UserError reads the same in each: `error: <message>`, exit 2."""
+
+    class Reporting(base):
+        def invoke(self, ctx):
+            return cli_errors(on_interrupt)(super().invoke)(ctx)
+
+    Reporting.__name__ = f"Reporting{base.__name__}"
+    return Reporting

@@ -8,12 +8,14 @@ which rows are patches without knowing the model.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal
 
 import numpy as np
 
 TokenSelection = Literal["all", "patches", "cls"]
-TOKEN_SELECTIONS: tuple[str, ...] = ("all", "patches", "cls")
+"""Which tokens of a hook a reader (or the recorder) takes; named once, here."""
+TOKEN_SELECTIONS: tuple[str, ...] = typing.get_args(TokenSelection)
 
 
 @dataclasses.dataclass(frozen=True)

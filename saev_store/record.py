@@ -3,7 +3,7 @@
     saev-store record --out demo.zarr                                    # EfficientNet-Lite0 on Fashion-MNIST
     saev-store record --out vit.zarr --model timm:vit_base_patch16_224 --weights vit.safetensors \
         --layer 10 --dataset folder --data /data/imagenet/train --device cuda --batch-size 256
-    accelerate launch -m saev_store.record --out vit.zarr ...              # one process per GPU
+    accelerate launch -m saev_store.cli record --out vit.zarr ...          # one process per GPU
 
 Batches never cross chunk boundaries, so every chunk is computed from the same batches whichever
 process records it and however often the run was interrupted: a resumed or multi-process store is
@@ -24,9 +24,12 @@ import numpy as np
 import torch
 
 from . import format as fmt
+from .datasets import DATASET_KINDS
 from .errors import UserError
+from .layout import TokenSelection
+from .options import check_applies, check_choices, option
 from .store import HookSpec, Store, create_store, open_store
-from .writer import Block, BlockWriter, WriterError
+from .writer import BlockWriter, RecordedChunk, WriterError
 
 DEFAULT_MODEL = "efficientnet:lite0"
 DEFAULT_DATASET = "fashion-mnist"
@@ -34,67 +37,75 @@ DEFAULT_DATASET = "fashion-mnist"
 
 @dataclasses.dataclass
 class RecordConfig:
-    """What to record and where. Defaults record the embedded demo (no download needed)."""
+    """What to record and where (`saev-store record`'s options, saev_store/options.py). Defaults record
+    the embedded demo (no download needed)."""
 
     out: str
-    """Store path (`NAME.zarr`) or a Zarr store URL."""
+    """Store to create or resume (`NAME.zarr`, or a Zarr store URL)."""
     model: str = DEFAULT_MODEL
-    """`BACKEND:NAME`, e.g. `timm:vit_base_patch16_224`, `open_clip:ViT-B-16`, `hf:DIR`, `torchvision:resnet50`."""
+    """`BACKEND:NAME`, e.g. `timm:vit_base_patch16_224`, `open_clip:ViT-B-16`, `hf:DIR`, `torchvision:resnet50` (see Models)."""
     weights: str | None = None
-    """Local weights file or directory; never downloaded."""
-    hooks: tuple[str, ...] = ()
-    """Module paths to record (`--hook`)."""
-    layers: tuple[int, ...] = ()
-    """Layer numbers to record (`--layer`): a ViT's residual stream after block N, a CNN's stage/block N."""
-    dataset: str = DEFAULT_DATASET
-    """Dataset kind: fashion-mnist, folder, hf-disk."""
+    """Local weights file or directory (never downloaded); none: packaged weights, or a seeded random init."""
+    hooks: tuple[str, ...] = option((), flag="--hook", multiple=True)
+    """Module path to record, repeatable (see `saev-store hooks`)."""
+    layers: tuple[int, ...] = option((), flag="--layer", multiple=True)
+    """Layer N, repeatable: a ViT's residual stream after block N, a CNN's stage/block N; negative counts from the
+    end. Without --hook and --layer: the last layer."""
+    dataset: str | None = option(None, choices=DATASET_KINDS)
+    """Dataset kind (see Datasets). Default: inferred from --data (idx files: fashion-mnist; a `datasets`
+    save_to_disk directory: hf-disk; else a folder of images), fashion-mnist without --data."""
     data: str | None = None
-    """Dataset root; the kind's default when None."""
+    """Dataset root; the kind's default when not given (fashion-mnist: /usr/share/datasets/fashion-mnist)."""
     split: str = "train"
-    """Dataset split."""
-    dataset_options: dict = dataclasses.field(default_factory=dict)
-    """Extra dataset options (image_column, label_column for hf-disk)."""
+    """Dataset split (fashion-mnist: train, test or all; folder: the subfolder when it exists; hf-disk: needed for a DatasetDict)."""
+    image_column: str | None = None
+    """hf-disk: the image column (default `image`)."""
+    label_column: str | None = None
+    """hf-disk: the label column (default `label` when present, else unlabeled)."""
     batch_size: int = 64
     """Images per forward pass (batches never cross chunk boundaries)."""
     device: str = "cpu"
-    """torch device for the model."""
-    store_dtype: str = "float32"
-    """float32, float16 or bfloat16 (half the disk)."""
-    tokens: str = "all"
-    """Which tokens to store: all, patches or cls."""
+    """torch device for the model, e.g. cuda, cuda:1."""
+    store_dtype: str = option("float32", choices=fmt.STORE_DTYPES)
+    """Stored dtype: float16 and bfloat16 halve the disk (bfloat16 kept as its raw 16-bit pattern)."""
+    tokens: TokenSelection = "all"
+    """Which tokens to store."""
     keep_registers: bool = False
     """Keep ViT register tokens (dropped by default)."""
     limit: int | None = None
     """Record only the first N images of the dataset."""
     seed: int = 0
-    """Seeds torch (random-weight models) and is recorded in the metadata."""
+    """Seeds torch (random-weight models); recorded in the metadata."""
     num_workers: int = 1
-    """DataLoader worker processes decoding and preprocessing images."""
+    """Image-decoding worker processes."""
     skip_bad: bool = False
-    """Mark unreadable images invalid instead of stopping."""
+    """Record unreadable images as invalid (every reader skips them) instead of stopping."""
     overwrite: bool = False
-    """Delete an existing store and start over."""
-    chunk_mib: int = 32
-    """Target chunk size for the largest hook (8-64 MiB)."""
+    """Delete an existing store at --out and start over."""
+    chunk_mib: int = option(32, when=("images_per_chunk", (None,)))
+    """Target chunk size for the largest hook, MiB (8-64): chunks hold whole images."""
     images_per_chunk: int | None = None
-    """Images per chunk, overriding --chunk-mib (small stores, tests)."""
+    """Images per chunk, instead of --chunk-mib (small stores, tests)."""
     image_size: int | None = None
     """Override the model's input size (square), e.g. for a fast demo."""
     mean: tuple[float, float, float] | None = None
-    """Override the normalization mean."""
+    """Override the normalization mean, e.g. 0.485,0.456,0.406."""
     std: tuple[float, float, float] | None = None
     """Override the normalization std."""
     jpeg_draft_mpx: float | None = None
     """Opt-in reduced decoding: JPEGs over this many megapixels decode at 1/2-1/8 scale (never below the
-    resize). None (default): every image at full size, as the model's library would decode it."""
+    resize; see Preprocessing). Default: every image at full size, as the model's library decodes it."""
     quiet: bool = False
-    """No progress bar."""
+    """No progress bar (it shows images/s and MB/s)."""
 
     def __post_init__(self):
-        if self.store_dtype not in fmt.STORE_DTYPES:
-            raise UserError(f"--store-dtype {self.store_dtype!r} is not supported; choose one of {', '.join(fmt.STORE_DTYPES)}.")
-        if self.tokens not in ("all", "patches", "cls"):
-            raise UserError(f"--tokens {self.tokens!r}: choose all, patches or cls.")
+        for name in ("hooks", "layers"):
+            setattr(self, name, tuple(getattr(self, name)))
+        for name in ("mean", "std"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(float(v) for v in getattr(self, name)))
+        check_choices(self)
+        check_applies(self)
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1 (got {self.batch_size}).")
         if self.limit is not None and self.limit < 1:
@@ -103,6 +114,11 @@ class RecordConfig:
             raise UserError(f"--chunk-mib {self.chunk_mib} is outside 8-64 MiB.")
         if self.jpeg_draft_mpx is not None and not self.jpeg_draft_mpx >= 0:
             raise UserError(f"--jpeg-draft-mpx {self.jpeg_draft_mpx} must be >= 0 megapixels (leave it out for full-size decoding).")
+
+    @property
+    def dataset_options(self) -> dict:
+        """The dataset kind's own options that were given (create_dataset refuses those its kind does not take)."""
+        return {k: v for k, v in {"image_column": self.image_column, "label_column": self.label_column}.items() if v is not None}
 
 
 class Result(dict):
@@ -200,14 +216,23 @@ def record(cfg: RecordConfig, on_progress: Callable[[int, int], None] | None = N
     Returns a summary. Raises UserError for bad input (unknown hook, missing dataset, metadata
     mismatch with an existing store, unreadable image without --skip-bad, disk full).
     """
-    from .datasets import create_dataset
+    from .datasets import create_dataset, infer_kind
     from .models import create_model
 
     rank, world, barrier = _dist_state(cfg.device)
+    say = (lambda msg: print(msg, file=sys.stderr)) if rank == 0 else (lambda msg: None)
     torch.manual_seed(cfg.seed)
-    src = create_dataset(cfg.dataset, root=cfg.data, split=cfg.split, **cfg.dataset_options)
+    kind = cfg.dataset
+    if kind is None and cfg.data is None:
+        kind = DEFAULT_DATASET
+    elif kind is None:
+        kind, why = infer_kind(cfg.data)
+        say(f"dataset: {kind} ({cfg.data}: {why}); pass --dataset to choose another kind")
+    src = create_dataset(kind, root=cfg.data, split=cfg.split, **cfg.dataset_options)
     n_images = len(src) if cfg.limit is None else min(cfg.limit, len(src))
     model = create_model(cfg.model, weights=cfg.weights, device=cfg.device)
+    if model.weights == "random":
+        say(f"model: {cfg.model} is randomly initialized (no --weights given; recorded as weights \"random\")")
     pre = model.preprocess
     overrides = {k: v for k, v in {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std}.items() if v is not None}
     if overrides:
@@ -316,7 +341,7 @@ def _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all,
     bar = _progress(cfg, total=sum(len(b) for b in batches))
     written_bytes = [0]
 
-    def on_written(block: Block):
+    def on_written(block: RecordedChunk):
         written_bytes[0] += block.n_bytes
 
     try:
@@ -351,7 +376,7 @@ def _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all,
                     acts = buf["acts"]
                     for h in hooks:
                         acts[h][~valid] = 0.0  # an unreadable image stores zeros, flagged invalid
-                    writer.submit(Block(i, acts, labels_all[start:stop], ids_all[start:stop], valid))
+                    writer.submit(RecordedChunk(i, acts, labels_all[start:stop], ids_all[start:stop], valid))
                 counts["images"] += len(idx)
                 if bar is not None:
                     bar.update(len(idx))
@@ -382,7 +407,5 @@ def _progress(cfg: RecordConfig, total: int):
     return tqdm(total=total, unit="img", desc="record", dynamic_ncols=True, file=sys.stderr)
 
 
-if __name__ == "__main__":  # `accelerate launch -m saev_store.record ...`
-    from .cli import main
-
-    main(["record", *sys.argv[1:]])
+if __name__ == "__main__":  # the launcher moved to the CLI module, which imports this one (not the reverse)
+    sys.exit("run `python -m saev_store.cli record ...` (or `accelerate launch -m saev_store.cli record ...`).")

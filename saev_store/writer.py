@@ -21,7 +21,7 @@ import numpy as np
 from .store import Store
 
 
-class Block(NamedTuple):
+class RecordedChunk(NamedTuple):
     """One chunk's worth of recorded images, ready to write."""
 
     chunk: int
@@ -47,10 +47,10 @@ class WriterError(RuntimeError):
 class BlockWriter:
     """Writes submitted blocks in a background thread; use as a context manager."""
 
-    def __init__(self, st: Store, n_threads: int = 2, max_pending: int | None = None, on_written: Callable[[Block], None] | None = None):
+    def __init__(self, st: Store, n_threads: int = 2, max_pending: int | None = None, on_written: Callable[[RecordedChunk], None] | None = None):
         self.st = st
         self.on_written = on_written
-        self._q: queue.Queue[Block | None] = queue.Queue(maxsize=max_pending or n_threads + 1)
+        self._q: queue.Queue[RecordedChunk | None] = queue.Queue(maxsize=max_pending or n_threads + 1)
         self._error: WriterError | None = None
         self._lock = threading.Lock()
         self.write_s = 0.0
@@ -86,7 +86,7 @@ class BlockWriter:
         if self._error is not None:
             raise self._error
 
-    def submit(self, block: Block) -> None:
+    def submit(self, block: RecordedChunk) -> None:
         self._raise_if_failed()
         t0 = time.perf_counter()
         while True:

@@ -22,8 +22,8 @@ def _adam_inputs(gen, shape=(3, 40, 16)):
     p /= p.norm(dim=-1, keepdim=True)
     g, m = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen) * 0.1
     v = torch.rand(shape, generator=gen) * 0.01
-    inv = torch.rand(shape[0], 1, 1, generator=gen) * 100 + 50
-    return [p, g, m, v], inv, inv * 1e-8
+    step = 1 / (torch.rand(shape[0], 1, 1, generator=gen) * 100 + 50)  # lr c / (1 - b1^t), per member
+    return [p, g, m, v], step, torch.tensor(1e-8)
 
 
 def test_eager_stages_against_float64_formulas():
@@ -40,21 +40,21 @@ def test_eager_stages_against_float64_formulas():
     want = torch.where(z > 0, dz + c[:, None, None], torch.zeros(()))
     np.testing.assert_array_equal(fused.mask_grad_(dz.clone(), z, c).numpy(), want.numpy())
 
-    (p, g, m, v), inv, inv_eps = _adam_inputs(gen)
-    P, G, M, V, I = (t.double() for t in (p, g, m, v, inv))
+    (p, g, m, v), step, eps_c = _adam_inputs(gen)
+    P, G, M, V, S = (t.double() for t in (p, g, m, v, step))
     M2 = 0.9 * M + 0.1 * G
     V2 = 0.999 * V + 0.001 * G * G
-    fused.adam_(p, g, m, v, inv, inv_eps, 0.9, 0.999)
-    np.testing.assert_allclose(p.numpy(), (P - M2 / ((V2.sqrt() + 1e-8) * I)).numpy(), rtol=1e-5, atol=1e-7)
+    fused.adam_(p, g, m, v, step, eps_c, 0.9, 0.999)
+    np.testing.assert_allclose(p.numpy(), (P - S * M2 / (V2.sqrt() + 1e-8)).numpy(), rtol=1e-5, atol=1e-7)
 
-    (p, g, m, v), inv, inv_eps = _adam_inputs(gen)
-    P, G, M, V, I = (t.double() for t in (p, g, m, v, inv))
+    (p, g, m, v), step, eps_c = _adam_inputs(gen)
+    P, G, M, V, S = (t.double() for t in (p, g, m, v, step))
     Gt = G - (G * P).sum(-1, keepdim=True) * P
     M2, V2 = 0.9 * M + 0.1 * Gt, 0.999 * V + 0.001 * Gt * Gt
-    U = M2 / ((V2.sqrt() + 1e-8) * I)
+    U = S * M2 / (V2.sqrt() + 1e-8)
     U = U - (U * P).sum(-1, keepdim=True) * P
     W = P - U
-    fused.adam_decoder_(p, g, m, v, inv, inv_eps, 0.9, 0.999)
+    fused.adam_decoder_(p, g, m, v, step, eps_c, 0.9, 0.999)
     np.testing.assert_allclose(p.numpy(), (W / W.norm(dim=-1, keepdim=True)).numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(m.numpy(), M2.numpy(), rtol=1e-5, atol=1e-7)
 
@@ -71,12 +71,17 @@ def test_inductor_stages_equal_eager():
     dz = torch.randn(2, 64, 48, generator=gen)
     c = torch.tensor([0.3, 0.0])
     torch.testing.assert_close(comp.mask_grad_(dz.clone(), z, c), fused.mask_grad_(dz.clone(), z, c))
-    (p, g, m, v), inv, inv_eps = _adam_inputs(gen)
+    (p, g, m, v), step, eps_c = _adam_inputs(gen)
     got = [t.clone() for t in (p, g, m, v)]
-    comp.adam_(*got, inv, inv_eps, 0.9, 0.999)
-    fused.adam_(p, g, m, v, inv, inv_eps, 0.9, 0.999)
+    comp.adam_(*got, step, eps_c, 0.9, 0.999)
+    fused.adam_(p, g, m, v, step, eps_c, 0.9, 0.999)
     for a, b in zip(got, (p, g, m, v)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # lr 0 where the gradient and both moments are 0 (a latent that never fired): p stays, as in torch.optim.Adam.
+    p0 = p.clone()
+    g.zero_(), m.zero_(), v.zero_()
+    comp.adam_(p, g, m, v, torch.zeros_like(step), eps_c, 0.9, 0.999)
+    torch.testing.assert_close(p, p0, rtol=0, atol=0)
 
 
 @pytest.mark.slow
@@ -103,6 +108,25 @@ def test_compiled_training_steps_equal_eager():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
     for g in comp.groups:
         torch.testing.assert_close(g.W_dec.norm(dim=-1), torch.ones(g.n, g.d_sae))
+
+
+@pytest.mark.slow
+def test_compiled_pass_with_many_widths_equals_eager():
+    """A pass with five widths compiles Adam for 15 shapes (W_enc, b_enc, b_dec of each group): more
+    than dynamo's default limit of 8, which with fullgraph=True used to stop the run."""
+    saes = [SAEConfig(f"r{w}", 4, w, "relu", l1=0.5, seed=w) for w in (8, 12, 16, 20, 24)]
+    cfg = TrainConfig(saes=tuple(saes), batch_size=16, warmup_steps=1, l1_warmup_steps=1, quiet=True)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(5))
+    banks = []
+    for st in (fused.EAGER, fused.stages(True, backend="aot_eager")):
+        bank = SAEBank(saes)
+        opt = BankAdam(bank, stages=st)
+        init_b_dec(bank, x, "mean")
+        for i in range(2):
+            train_step(bank, opt, x, i, 2, cfg, peak_lrs(bank, cfg, "cpu"), l1_coefs(bank, "cpu"))
+        banks.append(bank)
+    for (name, a), (_, b) in zip(banks[0].named_parameters(), banks[1].named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_compile_setting(monkeypatch):

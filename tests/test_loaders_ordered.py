@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import make_store
 
-from saev_store.loaders import Block, OrderedLoader
+from saev_store.loaders import ImageBlock, OrderedLoader
 
 torch.set_num_threads(1)
 
@@ -34,7 +34,7 @@ def test_blocks_walk_valid_images_in_order(data, block_images, tokens, sl):
     want = np.flatnonzero(valid & mask)
     images = np.concatenate([b.images for b in blocks])
     np.testing.assert_array_equal(images, want)
-    assert all(isinstance(b, Block) and len(b.images) == block_images for b in blocks[:-1])
+    assert all(isinstance(b, ImageBlock) and len(b.images) == block_images for b in blocks[:-1])
     for b in blocks:
         assert b.acts.dtype == torch.float32 and b.images.dtype == np.int64 and b.labels.dtype == np.int32
         assert b.acts.shape == (len(b.images), sl.stop - sl.start, 6)

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
 from saev_store.errors import UserError
@@ -299,3 +300,44 @@ def test_store_from_before_a_preprocessing_key_resumes_with_the_value_that_repro
     assert record(RecordConfig(**cfg, jpeg_draft_mpx=0))["already_complete"]
     with pytest.raises(UserError, match="preprocessing.jpeg_draft_mpx"):
         record(RecordConfig(**cfg))
+
+
+def _pngs(root, n=4):
+    root.mkdir(parents=True)
+    for j in range(n):
+        Image.fromarray(np.full((20, 20, 3), 40 * j, np.uint8)).save(root / f"{j}.png")
+
+
+def test_dataset_kind_is_inferred_from_data(tmp_path):
+    """`record --data DIR` without --dataset: a folder of images is read as one, the choice is said and
+    recorded in the store; idx files are Fashion-MNIST and a save_to_disk directory is hf-disk."""
+    from saev_store.cli import main
+
+    _pngs(tmp_path / "imgs")
+    out = tmp_path / "s.zarr"
+    r = CliRunner().invoke(main, ["record", "--out", str(out), "--data", str(tmp_path / "imgs"), "--layer", "10",
+                                  "--image-size", "32", "--images-per-chunk", "2", "--num-workers", "0", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "dataset: folder" in r.output and open_store(str(out)).attrs["dataset"]["kind"] == "folder"
+    from saev_store.datasets import infer_kind
+
+    assert infer_kind(FMNIST)[0] == "fashion-mnist"
+    (tmp_path / "ds").mkdir()
+    for f in ("dataset_info.json", "state.json"):
+        (tmp_path / "ds" / f).write_text("{}")
+    assert infer_kind(str(tmp_path / "ds"))[0] == "hf-disk"
+    (tmp_path / "dd").mkdir()
+    (tmp_path / "dd" / "dataset_dict.json").write_text("{}")
+    assert infer_kind(str(tmp_path / "dd"))[0] == "hf-disk"
+
+
+@pytest.mark.slow  # importing timm
+def test_random_weights_are_said(tmp_path):
+    from saev_store.cli import main
+
+    r = CliRunner().invoke(main, ["record", "--out", str(tmp_path / "s.zarr"), "--model", "timm:resnet18", "--layer", "0",
+                                  "--image-size", "32", "--limit", "2", "--images-per-chunk", "2", "--num-workers", "0", "--quiet"])
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.output.splitlines() if "randomly initialized" in line]
+    assert len(lines) == 1 and "timm:resnet18" in lines[0]
+    assert open_store(str(tmp_path / "s.zarr")).attrs["model"]["weights"] == "random"

@@ -17,7 +17,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 def torchrun(out, nproc=2, port=29511):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
-            "-m", "saev_store.record", "--out", out, *ARGS]
+            "-m", "saev_store.cli", "record", "--out", out, *ARGS]
 
 
 def assert_same_store(a_path, b_path):
@@ -32,7 +32,7 @@ def assert_same_store(a_path, b_path):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("single") / "one.zarr")
-    subprocess.run([sys.executable, "-m", "saev_store.record", "--out", out, *ARGS], check=True, env=ENV)
+    subprocess.run([sys.executable, "-m", "saev_store.cli", "record", "--out", out, *ARGS], check=True, env=ENV)
     return out
 
 

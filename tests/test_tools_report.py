@@ -76,7 +76,7 @@ def test_report_files_link_up(report):
         page = _parse(sae_dir / "latents" / f"{i}.html")
         for src in page.srcs:  # every image, script and stylesheet a page names exists on disk
             assert os.path.isfile(os.path.normpath(sae_dir / "latents" / src)), src
-        assert sum(s.endswith(".png") for s in page.srcs) == 2
+        assert sum(s.endswith(".png") for s in page.srcs) == 3  # max, mean and PatchSAE's ranking
 
 
 @pytest.mark.slow
@@ -120,7 +120,7 @@ def test_report_in_headless_chromium(report):
         driver.find_element(By.CSS_SELECTOR, f"a[href='latents/{i}.html']").click()
         assert f"Latent {i}" in driver.find_element(By.TAG_NAME, "h1").text
         imgs = driver.find_elements(By.CSS_SELECTOR, "img.grid")
-        assert len(imgs) == 2
+        assert len(imgs) == 3
         for img in imgs:
             assert driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 0
     finally:

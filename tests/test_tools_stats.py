@@ -9,7 +9,8 @@ import tools.topk as topk_mod
 from saev_store.errors import UserError
 from tools.accumulate import LatentAccumulator, label_entropy
 from tools.topk import load_topk, run_topk
-from tools_helpers import HOOK, assert_matches_oracle, make_sae, make_store, oracle_latents, oracle_stats
+from tools_helpers import (HOOK, assert_matches_oracle, assert_matches_patchsae, make_sae, make_store, oracle_latents,
+                           oracle_patchsae, oracle_stats)
 
 torch.set_num_threads(2)
 GRID = (4, 4)
@@ -80,7 +81,7 @@ def test_store_over_memory_budget_equals_whole_store(small_store, tmp_path, monk
     whole = run_topk(saes, path, tmp_path / "whole", k=4, block_images=10_000, quiet=True)
     monkeypatch.setattr(topk_mod, "_COUNTS_FLUSH", 50)  # the sparse counts reach disk in many appends too
     # A budget that holds about three images forces many blocks (not aligned to the store's chunks).
-    per_image_mb = 12 * 16 * 8 / 2**20  # tools.topk.plan_block_images: 12 * T * d bytes per image
+    per_image_mb = 12 * 17 * 8 / 2**20  # tools.topk.plan_block_images: 12 * T * d bytes per image (T: all tokens)
     small = run_topk(saes, path, tmp_path / "small", k=4, memory_mb=3 * per_image_mb, quiet=True)
     assert whole.n_blocks == 1 and small.n_blocks >= 10 and small.block_images == 3
     for name in saes:
@@ -133,6 +134,54 @@ def test_errors_are_user_errors(small_store, tmp_path):
     assert HOOK in load_topk(tmp_path / "q").index["hook"]
 
 
+@pytest.mark.parametrize("tokens", ["all", "patches"])
+def test_topk_mines_the_tokens_the_sae_was_trained_on(small_store, tmp_path, tokens):
+    """An SAE trained on all tokens is mined on all of them (CLS included: its +50 offset shows in every
+    statistic), its heatmaps still on the patch grid; a patch SAE on the patches only."""
+    path, x, labels, valid = small_store
+    sae = make_sae(8, 24, seed=3, tokens=tokens)
+    run_topk({"a": sae}, path, tmp_path / "out", k=4, block_images=6, quiet=True)
+    z, images = oracle_latents(x, valid, sae, GRID, tokens=tokens)
+    grid = slice(1, 17) if tokens == "all" else None
+    o = oracle_stats(z, images, labels[valid], k=4, tau=0.2, n_classes=3, grid=grid)
+    data = load_topk(tmp_path / "out")
+    assert data.index["saes"]["a"]["tokens"] == tokens
+    assert_matches_oracle(data.stats, o, data.image_counts(), images, entropy_rtol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", ["patches", "all"])
+def test_patchsae_statistics_match_bruteforce(small_store, tmp_path, tokens):
+    """PatchSAE's image score is the mean over ALL the image's tokens, CLS included (the store's CLS is
+    offset by +50, so leaving it out or counting it twice shows), also for an SAE trained on patches."""
+    path, x, labels, valid = small_store
+    sae = make_sae(8, 24, seed=5, tokens=tokens)
+    run_topk({"a": sae}, path, tmp_path / "out", k=4, tau=0.2, block_images=6, quiet=True)
+    data = load_topk(tmp_path / "out")
+    z_all, images = oracle_latents(x, valid, sae, GRID, tokens="all")
+    assert data.index["rankings"] == ["max", "mean", "patchsae"] and data.index["has_cls"]
+    o = oracle_patchsae(z_all, images, labels[valid], k=4, tau=0.2, n_classes=3, grid=slice(1, 17))
+    assert_matches_patchsae(data.stats, o)
+    assert not np.array_equal(data.stats.patchsae_n_images_active, data.stats.n_images_active) or tokens == "all"
+    # ours are unchanged by computing PatchSAE's beside them
+    z, _ = oracle_latents(x, valid, sae, GRID, tokens=tokens)
+    ours = oracle_stats(z, images, labels[valid], k=4, tau=0.2, n_classes=3, grid=slice(1, 17) if tokens == "all" else None)
+    assert_matches_oracle(data.stats, ours, entropy_rtol=1e-6)
+    run_topk({"a": sae}, path, tmp_path / "off", k=4, block_images=6, patchsae=False, quiet=True)
+    off = load_topk(tmp_path / "off")
+    assert not off.stats.has_patchsae and off.index["rankings"] == ["max", "mean"]
+
+
+def test_topk_refuses_tokens_it_cannot_mine(small_store, tmp_path):
+    path, *_ = small_store
+    with pytest.raises(UserError, match="'cls' tokens.*heatmap"):
+        run_topk({"a": make_sae(8, 8, tokens="cls")}, path, tmp_path / "o", quiet=True)
+    with pytest.raises(UserError, match="--tokens"):
+        run_topk({"a": make_sae(8, 8, tokens=None)}, path, tmp_path / "o", quiet=True)
+    with pytest.raises(UserError, match="trained on 'all' tokens, not 'patches'"):
+        run_topk({"a": make_sae(8, 8, tokens="all")}, path, tmp_path / "o", tokens="patches", quiet=True)
+    run_topk({"a": make_sae(8, 8, tokens=None)}, path, tmp_path / "o", tokens="patches", quiet=True)
+
+
 def test_pass_latents_are_bitwise_sae_encode(small_store, tmp_path):
     # Random float weights (not dyadic): the pass's in-place chunked encoder must give exactly sae.encode's
     # latents, so every statistic equals an accumulator fed sae.encode of all valid patches in one block.
@@ -142,11 +191,11 @@ def test_pass_latents_are_bitwise_sae_encode(small_store, tmp_path):
          "b_dec": torch.randn(8, generator=g)}
     from trainers.sae_io import SAE
 
-    sae = SAE({"architecture": "standard", "d_in": 8, "d_sae": 48}, w, {"hook": HOOK})
+    sae = SAE({"architecture": "standard", "d_in": 8, "d_sae": 48}, w, {"hook": HOOK, "tokens": "patches"})
     run_topk({"a": sae}, path, tmp_path / "out", k=5, tau=0.3, block_images=7, quiet=True)
-    xs = torch.from_numpy(x[valid][:, 1:17].reshape(-1, 8))
-    z = sae.encode(xs).reshape(-1, 16, 48)
-    acc = LatentAccumulator(48, 16, k=5, tau=0.3, n_classes=3, chunk_images=10_000)
+    xs = torch.from_numpy(x[valid].reshape(-1, 8))  # every stored token: the pass encodes CLS too
+    z = sae.encode(xs).reshape(-1, 17, 48)
+    acc = LatentAccumulator(48, 17, k=5, tau=0.3, n_classes=3, chunk_images=10_000, grid_tokens=(1, 16))
     images = np.nonzero(valid)[0]
     ref_counts = acc.update(z, images, labels[valid])
     ref, got = acc.result(), load_topk(tmp_path / "out").stats

@@ -68,7 +68,7 @@ def test_cli_user_errors(tmp_path, rng):
 
 def _cmd(store, out, *extra):
     code = "import sys; from trainers.cli import main; sys.exit(main())"
-    return [sys.executable, "-c", code, store, "--hook", "h", "--width", "4x", "--l1", "1", "--k", "3", "--arch",
+    return [sys.executable, "-c", code, store, "--hook", "h", "--width", "4x", "--k", "3", "--arch",
             "topk", "--batch-size", "32", "--n-patches", "9600", "--warmup-steps", "5", "--ckpt-every", "3",
             "--held-out", "0.2", "--buffer-mb", "1", "--out", str(out), "--quiet", "--dead-after", "200", *extra]
 

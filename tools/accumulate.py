@@ -1,8 +1,14 @@
 """Per-latent statistics of one SAE, accumulated over blocks of whole images in one ordered pass.
 
-Everything here is a pure function of the latents it is fed, `z_ntl` (n images, T patches, L latents),
+Everything here is a pure function of the latents it is fed, `z_ntl` (n images, T tokens, L latents),
 their image indices and labels; nothing reads a store or knows a model, so the statistics can be
 checked against brute-force numpy on any array of latents (tests/test_tools_stats.py).
+
+The statistics cover the *mined* tokens of each image (`mined_tokens`, a range of the T): the tokens
+the SAE was trained on, so its patch tokens, or every token for an SAE trained on all tokens
+(`tools/topk.py` chooses). Below, "patch" means a mined token. An exemplar's heatmap values are the
+latent on the patch grid (`grid_tokens`), whatever is mined. By default all T tokens are the grid and
+are mined.
 
 Latents must be >= 0, as every SAE architecture here gives them (ReLU, TopK, JumpReLU; checked on the
 first block). Definitions (a latent is "active" on a patch when its value is > 0):
@@ -20,6 +26,19 @@ first block). Definitions (a latent is "active" on a patch when its value is > 0
 * `entropy`: each label's share of the summed scores of the labeled exemplars, H = -sum p ln p (natural
   log); NaN when no labeled exemplar has a positive score.
 
+PatchSAE's definitions (Lim et al. 2025, `tasks/compute_sae_feature_data.py` and
+`compute_class_wise_sae_activation.py`), beside ours when `patchsae=True`, over ALL T tokens fed (the
+pass feeds every stored token: CLS included when the store has one, registers too when they were kept),
+whatever is mined; PatchSAE applies its SAE to every token, CLS included, so an SAE trained on patches
+is applied to the CLS token here as well:
+* image score `a(img)` = mean of the latent over the image's T tokens;
+* `patchsae_freq` = images with a(img) > 0 / valid images;
+* `patchsae_mean_act` = mean of a(img) over those images (NaN when there is none, as in PatchSAE);
+* exemplars `patchsae`: the k images with the largest a(img) > 0 (our tie rule), their entropy as ours
+  (PatchSAE also adds 1e-9 inside the log and reports -1 for fewer than k exemplars or no labels; we
+  report the entropy of whatever exemplars there are, NaN without labels);
+* `patchsae_count_class`: per class, the tokens (all T, CLS included) with value > tau.
+
 Memory is independent of the number of images: the running exemplars take 2 rankings * k * L * T * 4 bytes
 (the patch activations of each exemplar are kept as it enters the top-k, so no second pass over the
 store is needed), the counters O(L * n_classes). Per-image counts are returned per block, sparsely, for
@@ -36,6 +55,11 @@ import torch
 
 RANKINGS = ("max", "mean")
 """How an image is scored for a latent: its largest patch value, or the mean over its patches."""
+PATCHSAE_RANKING = "patchsae"
+"""PatchSAE's ranking: the mean over all the image's tokens, CLS included."""
+RANKING_TITLES = {"max": "by maximum patch activation", "mean": "by mean activation over the image's patches",
+                  PATCHSAE_RANKING: "by PatchSAE's score (mean over all the image's tokens, CLS included)"}
+"""What each ranking is, in words (report headings, plot labels)."""
 
 
 class Exemplars(NamedTuple):
@@ -48,7 +72,7 @@ class Exemplars(NamedTuple):
     labels: np.ndarray
     """(L, k) int32 labels of those images; -1 when unlabeled or unfilled."""
     patches: np.ndarray
-    """(L, k, T) float32 the latent's value on every patch of the exemplar (for heatmaps)."""
+    """(L, k, P) float32 the latent's value on every patch of the grid of the exemplar (for heatmaps)."""
     entropy: np.ndarray
     """(L,) float64 label entropy of the exemplars (natural log); NaN when no labeled exemplar."""
 
@@ -59,7 +83,7 @@ class LatentStats(NamedTuple):
     n_images: int
     """Valid images seen."""
     n_patches: int
-    """Patches per image (T)."""
+    """Mined tokens per image (the T of the frequencies): the patches, or every token (see the module docstring)."""
     tau: float
     """Threshold of the activation counts."""
     n_patches_active: np.ndarray
@@ -75,7 +99,13 @@ class LatentStats(NamedTuple):
     count_class: np.ndarray
     """(n_classes, L) int64 patches with value > tau summed over each class's images."""
     top: dict
-    """ranking name ("max", "mean") -> Exemplars."""
+    """ranking name ("max", "mean", and "patchsae" when computed) -> Exemplars."""
+    patchsae_n_images_active: np.ndarray | None = None
+    """(L,) int64 images whose PatchSAE score (mean over all tokens) is > 0; None when not computed."""
+    patchsae_sum_score: np.ndarray | None = None
+    """(L,) float64 sum of the PatchSAE scores over all images."""
+    patchsae_count_class: np.ndarray | None = None
+    """(n_classes, L) int64 tokens (all of them, CLS included) with value > tau, summed over each class's images."""
 
     @property
     def freq_patch(self) -> np.ndarray:
@@ -88,6 +118,21 @@ class LatentStats(NamedTuple):
     @property
     def mean_active(self) -> np.ndarray:
         return np.divide(self.sum_active, self.n_patches_active, out=np.zeros(self.sum_active.shape), where=self.n_patches_active > 0)
+
+    @property
+    def has_patchsae(self) -> bool:
+        return self.patchsae_n_images_active is not None
+
+    @property
+    def patchsae_freq(self) -> np.ndarray:
+        """PatchSAE's activated frequency: the fraction of images with score > 0."""
+        return self.patchsae_n_images_active / max(1, self.n_images)
+
+    @property
+    def patchsae_mean_act(self) -> np.ndarray:
+        """PatchSAE's mean activation: the mean score over the images where it is > 0 (NaN where none)."""
+        n = self.patchsae_n_images_active
+        return np.divide(self.patchsae_sum_score, n, out=np.full(n.shape, np.nan), where=n > 0)
 
 
 class ImageCounts(NamedTuple):
@@ -116,8 +161,10 @@ class _RunningTopK:
         self.patches = torch.zeros((k, d_sae, n_patches), device=device)
         self.slots = torch.arange(k, device=device)[:, None].repeat(1, d_sae)
 
-    def update(self, score_nl: torch.Tensor, z_ntl: torch.Tensor, images_n: torch.Tensor, labels_n: torch.Tensor) -> None:
-        """Merge one block. Its images must come after every image seen so far (ordered pass)."""
+    def update(self, score_nl: torch.Tensor, z_ntl: torch.Tensor, images_n: torch.Tensor, labels_n: torch.Tensor,
+               grid_start: int = 0) -> None:
+        """Merge one block. Its images must come after every image seen so far (ordered pass). `z_ntl`: the
+        block's latents on all its tokens (contiguous); the heatmap is tokens grid_start .. grid_start + P - 1."""
         k = self.k
         # Only latents whose best score in the block beats their k-th value can change (a tie loses: the
         # running entries are earlier images). After the first blocks these are few, so the merge below runs
@@ -152,9 +199,9 @@ class _RunningTopK:
         # z[b, :, l] for each new entry through flat offsets: indexing z[b, :, l] directly makes torch copy
         # all of z into (n, L, T) order first.
         t = self.patches.shape[2]
-        n_lat = z_ntl.shape[2]
+        t_all, n_lat = z_ntl.shape[1], z_ntl.shape[2]
         lat = cols[cc]
-        base = src_b[jj, cc] * (t * n_lat) + lat
+        base = src_b[jj, cc] * (t_all * n_lat) + grid_start * n_lat + lat
         offsets = base[:, None] + torch.arange(t, device=base.device) * n_lat
         self.patches[new_slots[jj, cc], lat] = z_ntl.reshape(-1)[offsets]
 
@@ -237,16 +284,28 @@ class LatentAccumulator:
     statistic and the top-k merge of a chunk read its latents while they are still in the cache, and
     `update_encoded` never holds more than one chunk of latents."""
 
-    def __init__(self, d_sae: int, n_patches: int, *, k: int = 16, tau: float = 0.2, n_classes: int = 0, device="cpu", scratch=None,
-                 chunk_images: int | None = None):
+    def __init__(self, d_sae: int, n_tokens: int, *, k: int = 16, tau: float = 0.2, n_classes: int = 0, device="cpu", scratch=None,
+                 chunk_images: int | None = None, grid_tokens: tuple[int, int] | None = None,
+                 mined_tokens: tuple[int, int] | None = None, patchsae: bool = False):
+        """`n_tokens`: T, the tokens per image of the latents fed. `grid_tokens`: (first, count) of the patch
+        grid's tokens (default: all T); `mined_tokens`: [start, stop) of the tokens the statistics cover
+        (default: the grid). `patchsae`: also PatchSAE's statistics, over all T tokens."""
         if k < 1:
             raise ValueError(f"k={k} must be at least 1.")
         if tau < 0:
             raise ValueError(f"tau={tau} must be >= 0 (a count threshold below 0 would count inactive patches).")
-        self.d_sae, self.n_patches, self.k, self.tau, self.n_classes = d_sae, n_patches, k, float(tau), n_classes
+        self.grid_tokens = (0, n_tokens) if grid_tokens is None else (int(grid_tokens[0]), int(grid_tokens[1]))
+        g0, n_grid = self.grid_tokens
+        self.mined_tokens = (g0, g0 + n_grid) if mined_tokens is None else (int(mined_tokens[0]), int(mined_tokens[1]))
+        m0, m1 = self.mined_tokens
+        if not (0 <= g0 and g0 + n_grid <= n_tokens and 0 <= m0 < m1 <= n_tokens):
+            raise ValueError(f"grid tokens {self.grid_tokens} and mined tokens {self.mined_tokens} must lie in 0..{n_tokens}.")
+        self.d_sae, self.n_tokens, self.k, self.tau, self.n_classes = d_sae, n_tokens, k, float(tau), n_classes
+        self.n_patches = m1 - m0
+        """Mined tokens per image."""
         dev = self.device = torch.device(device)
         if chunk_images is None:
-            chunk_images = CHUNK_BYTES.get(dev.type, CHUNK_BYTES["cuda"]) // (4 * n_patches * d_sae)
+            chunk_images = CHUNK_BYTES.get(dev.type, CHUNK_BYTES["cuda"]) // (4 * n_tokens * d_sae)
         self.chunk_images = max(1, int(chunk_images))
         self.n_images = 0
         self.last_image = -1
@@ -259,22 +318,30 @@ class LatentAccumulator:
         """Per class, and a last row that collects unlabeled images (label < 0 or >= n_classes) and is dropped:
         routing them there instead of selecting the labeled rows spares a device-to-host sync per chunk."""
         self.count_class = self._count_class[:n_classes]
-        self.top = {r: _RunningTopK(k, d_sae, n_patches, dev) for r in RANKINGS}
+        self.patchsae = bool(patchsae)
+        rankings = RANKINGS + ((PATCHSAE_RANKING,) if self.patchsae else ())
+        self.top = {r: _RunningTopK(k, d_sae, n_grid, dev) for r in rankings}
+        if self.patchsae:
+            self.ps_n_images_active = torch.zeros(d_sae, dtype=torch.int64, device=dev)
+            self.ps_sum_score = torch.zeros(d_sae, dtype=torch.float64, device=dev)
+            self._ps_count_class = torch.zeros((n_classes + 1, d_sae), dtype=torch.int64, device=dev)
         self.scratch = scratch if scratch is not None else Scratch()
         """Chunk buffers; accumulators of one pass share them (they run one after another)."""
 
     @staticmethod
-    def bytes_needed(d_sae: int, n_patches: int, k: int, n_classes: int = 0) -> int:
-        """Memory the accumulator holds, whatever the number of images (the shared chunk buffers aside)."""
+    def bytes_needed(d_sae: int, n_patches: int, k: int, n_classes: int = 0, patchsae: bool = False) -> int:
+        """Memory the accumulator holds, whatever the number of images (the shared chunk buffers aside);
+        `n_patches`: the grid's patches (each exemplar keeps their values)."""
         per_rank = k * d_sae * (4 + 8 + 4 + 4 * n_patches)
-        return len(RANKINGS) * per_rank + d_sae * (8 * 5 + 4) + n_classes * d_sae * 8
+        n_rank = len(RANKINGS) + bool(patchsae)
+        return n_rank * per_rank + d_sae * (8 * 5 + 4 + 16 * bool(patchsae)) + n_classes * d_sae * 8 * (1 + bool(patchsae))
 
     @torch.no_grad()
     def update(self, z_ntl: torch.Tensor, images: np.ndarray, labels: np.ndarray) -> ImageCounts:
         """Add the latents of n whole images (valid ones only). Returns their nonzero per-image tau counts."""
         n, t, d_sae = z_ntl.shape
-        if (t, d_sae) != (self.n_patches, self.d_sae):
-            raise ValueError(f"latents of shape {tuple(z_ntl.shape)}; expected (n, {self.n_patches}, {self.d_sae}).")
+        if (t, d_sae) != (self.n_tokens, self.d_sae):
+            raise ValueError(f"latents of shape {tuple(z_ntl.shape)}; expected (n, {self.n_tokens}, {self.d_sae}).")
         z = z_ntl.to(self.device, torch.float32).contiguous()
         return self._blocks(n, images, labels, lambda s, e: z[s:e])
 
@@ -284,7 +351,7 @@ class LatentAccumulator:
         block's images i0..i1-1 into `out_ctl` (float32, contiguous, on this device), which is reused."""
 
         def chunk(s: int, e: int) -> torch.Tensor:
-            out = self.scratch.get((e - s, self.n_patches, self.d_sae), self.device, slot="latents")
+            out = self.scratch.get((e - s, self.n_tokens, self.d_sae), self.device, slot="latents")
             encode(s, e, out)
             return out
 
@@ -314,17 +381,20 @@ class LatentAccumulator:
         return ImageCounts(*(np.concatenate([getattr(p, f) for p in parts]) for f in ImageCounts._fields))
 
     def _chunk(self, z: torch.Tensor, images: np.ndarray, images_t: torch.Tensor, labels_t: torch.Tensor) -> ImageCounts:
-        """Every statistic of one chunk, each from per-image reductions over the T patches (one cached read of z
-        apiece). The 0/1 masks go to a reused float32 buffer: a fresh tensor per mask costs more in page faults
-        than the comparison, and float sums are exact here (counts <= T < 2**24)."""
-        t = z.shape[1]
-        img_sum = z.sum(dim=1)
-        img_max = z.amax(dim=1)
+        """Every statistic of one chunk, each from per-image reductions over the mined tokens (one cached read
+        of z apiece; a view when they are not all T). The 0/1 masks go to a reused float32 buffer: a fresh
+        tensor per mask costs more in page faults than the comparison, and float sums are exact here
+        (counts <= T < 2**24)."""
+        m0, m1 = self.mined_tokens
+        zm = z if (m0, m1) == (0, z.shape[1]) else z[:, m0:m1]
+        img_sum = zm.sum(dim=1)
+        img_max = zm.amax(dim=1)
         mask = self.scratch.get(z.shape, z.device, slot="mask")
+        mask_m = mask if zm is z else mask[:, m0:m1]
         torch.gt(z, 0, out=mask)
-        n_active_nl = mask.sum(dim=1)
+        n_active_nl = mask_m.sum(dim=1)
         torch.gt(z, self.tau, out=mask)
-        count_nl = mask.sum(dim=1).to(torch.int32)
+        count_nl = mask_m.sum(dim=1).to(torch.int32)
 
         self.n_patches_active += n_active_nl.sum(dim=0, dtype=torch.float64).to(torch.int64)
         self.sum_active += img_sum.sum(dim=0, dtype=torch.float64)  # latents are >= 0: the sum of the values > 0
@@ -335,11 +405,37 @@ class LatentAccumulator:
             labeled = (labels_t >= 0) & (labels_t < self.n_classes)
             self._count_class.index_add_(0, torch.where(labeled, labels_t, self.n_classes).long(), count_nl.long())
 
-        self.top["max"].update(img_max, z, images_t, labels_t)
-        self.top["mean"].update(img_sum / t, z, images_t, labels_t)
+        g0 = self.grid_tokens[0]
+        if self.patchsae:  # before the top-k merges: `mask` still holds z > tau
+            self._patchsae(z, zm, img_sum, count_nl, mask, labels_t, images_t, g0)
+        self.top["max"].update(img_max, z, images_t, labels_t, g0)
+        self.top["mean"].update(img_sum / (m1 - m0), z, images_t, labels_t, g0)
         return _sparse_counts(count_nl, images)
 
+    def _patchsae(self, z, zm, img_sum, count_nl, mask_tau, labels_t, images_t, g0: int) -> None:
+        """PatchSAE's statistics of one chunk, over all T tokens: the mined tokens' sums and counts plus those
+        of the other tokens (the CLS token and registers, a thin slice), rather than a second pass over z."""
+        m0, m1 = self.mined_tokens
+        t = z.shape[1]
+        all_sum, all_count = img_sum, count_nl
+        if zm is not z:
+            rest = [(a, b) for a, b in ((0, m0), (m1, t)) if b > a]
+            all_sum = img_sum + sum(z[:, a:b].sum(dim=1) for a, b in rest)
+            all_count = count_nl + sum(mask_tau[:, a:b].sum(dim=1).to(torch.int32) for a, b in rest)
+        score = all_sum / t
+        self.ps_n_images_active += (score > 0).sum(dim=0)
+        self.ps_sum_score += score.sum(dim=0, dtype=torch.float64)
+        if self.n_classes:
+            labeled = (labels_t >= 0) & (labels_t < self.n_classes)
+            self._ps_count_class.index_add_(0, torch.where(labeled, labels_t, self.n_classes).long(), all_count.long())
+        self.top[PATCHSAE_RANKING].update(score, z, images_t, labels_t, g0)
+
     def result(self) -> LatentStats:
+        ps = {}
+        if self.patchsae:
+            ps = {"patchsae_n_images_active": self.ps_n_images_active.cpu().numpy(),
+                  "patchsae_sum_score": self.ps_sum_score.cpu().numpy(),
+                  "patchsae_count_class": self._ps_count_class[: self.n_classes].cpu().numpy()}
         return LatentStats(
             n_images=self.n_images,
             n_patches=self.n_patches,
@@ -351,4 +447,5 @@ class LatentAccumulator:
             count_dataset=self.count_dataset.cpu().numpy(),
             count_class=self.count_class.cpu().numpy(),
             top={r: t.result() for r, t in self.top.items()},
+            **ps,
         )

@@ -5,8 +5,10 @@
     res.grids[3]["max"]          # path of latent 3's grid of top images by max patch activation
 
 Files (in `out_dpath`, default `<topk>/<sae>/render`): `latent_<i>_<ranking>.png` per latent and ranking,
-`scatter.png` (log10 patch frequency vs log10 mean activation when active, coloured by label entropy;
-latents that never fire cannot be placed and are counted in the title) and `freq_hist.png`.
+`scatter.png` (log10 patch frequency vs log10 mean activation when active, coloured by the label entropy of
+the top images by maximum patch activation; latents that never fire cannot be placed and are counted in the
+title), `scatter_patchsae.png` when the folder has PatchSAE's statistics (PatchSAE's own figure: log10
+image frequency vs log10 mean image score, coloured by the entropy of its top images) and `freq_hist.png`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from PIL import Image
 
 from saev_store.errors import UserError
 
-from .accumulate import RANKINGS, LatentStats
+from .accumulate import PATCHSAE_RANKING, RANKING_TITLES, LatentStats
+from .config import GridStyle, RenderConfig
 from .images import DEFAULT_TILE_PX, ImageReader, fit_tile, grid_image, heatmap_tile
 from .topk import TopkData, load_topk
 
@@ -49,17 +52,6 @@ def pick_latents(stats: LatentStats, n: int) -> list[int]:
     return sorted(int(i) for i in by_freq[pos])
 
 
-class GridStyle(NamedTuple):
-    """How exemplar grids are drawn (`render` and `build_report` take one)."""
-
-    n_cols: int = 4
-    """Tiles per grid row."""
-    tile_px: int | None = None
-    """Longer side of a tile; None: the model's image size, clipped to 96..160."""
-    alpha: float = 0.6
-    """Heatmap opacity at the largest shown patch value."""
-
-
 def exemplar_grid(data: TopkData, latent: int, ranking: str, reader: ImageReader, style: GridStyle = GridStyle()) -> Image.Image:
     """A latent's exemplars under one ranking, each with its patch values as a heatmap (shared colour scale:
     the largest patch value among the shown exemplars)."""
@@ -84,11 +76,26 @@ def _figure(w_in: float = 5.0, h_in: float = 3.6):
 
 
 def plot_scatter(stats: LatentStats, fpath: str | os.PathLike, ranking: str = "max") -> None:
-    """log10 patch frequency vs log10 mean activation when active, coloured by the exemplars' label entropy."""
+    """log10 patch frequency vs log10 mean activation when active, coloured by the label entropy of the
+    exemplars of `ranking` (the colour bar says which)."""
     alive = stats.n_patches_active > 0
     x = np.log10(stats.freq_patch[alive])
     y = np.log10(np.maximum(stats.mean_active[alive], np.finfo(np.float64).tiny))
-    ent = stats.top[ranking].entropy[alive]
+    _entropy_scatter(x, y, stats.top[ranking].entropy[alive], ranking, int((~alive).sum()), fpath,
+                     "log10 firing frequency (per patch)", "log10 mean activation when active")
+
+
+def plot_patchsae_scatter(stats: LatentStats, fpath: str | os.PathLike) -> None:
+    """PatchSAE's scatter: log10 image frequency vs log10 mean image score (both PatchSAE's definitions,
+    over all tokens), coloured by the label entropy of the top images by that score."""
+    alive = stats.patchsae_n_images_active > 0
+    x = np.log10(stats.patchsae_freq[alive])
+    y = np.log10(np.maximum(stats.patchsae_mean_act[alive], np.finfo(np.float64).tiny))
+    _entropy_scatter(x, y, stats.top[PATCHSAE_RANKING].entropy[alive], PATCHSAE_RANKING, int((~alive).sum()), fpath,
+                     "log10 PatchSAE frequency (images with score > 0)", "log10 PatchSAE mean activation (score)")
+
+
+def _entropy_scatter(x, y, ent, ranking: str, n_dead: int, fpath, xlabel: str, ylabel: str) -> None:
     fig = _figure()
     ax = fig.add_subplot()
     has = np.isfinite(ent)
@@ -96,12 +103,13 @@ def plot_scatter(stats: LatentStats, fpath: str | os.PathLike, ranking: str = "m
         ax.scatter(x[~has], y[~has], s=6, c="0.6", label="no labeled exemplar", linewidths=0)
     if has.any():
         sc = ax.scatter(x[has], y[has], s=6, c=ent[has], cmap="viridis", linewidths=0)
-        fig.colorbar(sc, ax=ax, label="label entropy of exemplars (nats)")
+        fig.colorbar(sc, ax=ax, label=f"label entropy (nats), top images {RANKING_TITLES[ranking].removeprefix('by ')}"[:70])
     if (~has).any() and has.any():
         ax.legend(loc="best", fontsize=7)
-    ax.set_xlabel("log10 firing frequency (per patch)")
-    ax.set_ylabel("log10 mean activation when active")
-    ax.set_title(f"{int(alive.sum())} latents that fire; {int((~alive).sum())} never fire", fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{x.size} latents that fire; {n_dead} never fire; colour: entropy of top images {RANKING_TITLES[ranking]}",
+                 fontsize=7, wrap=True)
     fig.savefig(fpath)
 
 
@@ -119,37 +127,29 @@ def plot_freq_hist(stats: LatentStats, fpath: str | os.PathLike) -> None:
     fig.savefig(fpath)
 
 
-def render(
-    topk_dpath: str | os.PathLike,
-    out_dpath: str | os.PathLike | None = None,
-    *,
-    sae: str | None = None,
-    latents: Sequence[int] | None = None,
-    n_latents: int = 16,
-    rankings: Sequence[str] = RANKINGS,
-    style: GridStyle = GridStyle(),
-    data_root: str | None = None,
-    quiet: bool = False,
-) -> RenderResult:
+def render(topk_dpath: str | os.PathLike, out_dpath: str | os.PathLike | None = None, **options) -> RenderResult:
     """Render grids for `latents` (default: `n_latents` spread over the frequency range), the scatter and
-    the histogram of one SAE of a topk folder."""
+    the histogram of one SAE of a topk folder; `options` are RenderConfig fields."""
+    cfg = RenderConfig(out_dpath=None if out_dpath is None else str(out_dpath), **options)
+    sae, latents, rankings, style, quiet = cfg.sae, cfg.latents, cfg.rankings, cfg.style, cfg.quiet
     from tqdm.auto import tqdm
 
     data = load_topk(topk_dpath, sae)
     stats = data.stats
     d_sae = stats.n_patches_active.size
-    bad = [r for r in rankings if r not in RANKINGS]
+    rankings = tuple(stats.top) if rankings is None else tuple(rankings)
+    bad = [r for r in rankings if r not in stats.top]
     if bad:
-        raise UserError(f"unknown ranking(s) {', '.join(bad)}; choose from {', '.join(RANKINGS)}.")
+        raise UserError(f"unknown ranking(s) {', '.join(bad)}; this folder has {', '.join(stats.top)}.")
     if latents is None:
-        latents = pick_latents(stats, n_latents)
+        latents = pick_latents(stats, cfg.n_latents)
     latents = [int(i) for i in latents]
     out_of_range = [i for i in latents if not 0 <= i < d_sae]
     if out_of_range:
         raise UserError(f"latent(s) {out_of_range} are outside 0..{d_sae - 1} of SAE {data.name!r}.")
-    out = pathlib.Path(out_dpath) if out_dpath is not None else pathlib.Path(topk_dpath) / data.name / "render"
+    out = pathlib.Path(cfg.out_dpath) if cfg.out_dpath is not None else pathlib.Path(topk_dpath) / data.name / "render"
     out.mkdir(parents=True, exist_ok=True)
-    reader = reader_for(data, data_root=data_root)
+    reader = reader_for(data, data_root=cfg.data_root)
     if reader.warning:  # shown even with quiet: grey tiles need explaining
         print(f"warning: {reader.warning}", file=sys.stderr)
 
@@ -162,6 +162,8 @@ def render(
             grids[i][r] = str(fpath)
     scatter_fpath, hist_fpath = out / "scatter.png", out / "freq_hist.png"
     plot_scatter(stats, scatter_fpath)
+    if stats.has_patchsae:
+        plot_patchsae_scatter(stats, out / "scatter_patchsae.png")
     plot_freq_hist(stats, hist_fpath)
     return RenderResult(str(out), grids, str(scatter_fpath), str(hist_fpath), reader.warning)
 

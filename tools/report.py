@@ -10,8 +10,8 @@ Layout of the report folder:
     <sae>/index.html            every latent in a table sortable by clicking its headers and filterable with
                                 numeric min/max inputs (frequency, mean activation, entropy); the scatter and
                                 the histogram
-    <sae>/latents/<i>.html      one latent: statistics, exemplar grids with heatmaps (by max and by mean),
-                                exemplar table, class-level counts
+    <sae>/latents/<i>.html      one latent: statistics, exemplar grids with heatmaps (by max, by mean and by
+                                PatchSAE's score), exemplar table, class-level counts (ours and PatchSAE's)
     <sae>/images/*.png
 
 Pages are built for the chosen latents (default: `max_pages` latents that fire, spread over the frequency
@@ -33,23 +33,35 @@ import numpy as np
 
 from saev_store.errors import UserError
 
-from .accumulate import RANKINGS
+from .accumulate import PATCHSAE_RANKING, RANKING_TITLES
 from .images import ImageReader
-from .render import GridStyle, exemplar_grid, pick_latents, plot_freq_hist, plot_scatter, reader_for
+from .config import GridStyle, ReportConfig
+from .render import exemplar_grid, pick_latents, plot_freq_hist, plot_patchsae_scatter, plot_scatter, reader_for
 from .topk import TopkData, list_saes, load_topk
 
 ASSETS = ("report.css", "report.js")
-RANKING_TITLES = {"max": "by maximum patch activation", "mean": "by mean activation over the image's patches"}
-
 # (data key, header, description for the tooltip, getter on LatentStats, format)
 _COLUMNS = (
     ("freq", "freq (patch)", "fraction of patches where the latent is > 0", lambda s: s.freq_patch, "{:.3g}"),
     ("freq_image", "freq (image)", "fraction of images with at least one patch > 0", lambda s: s.freq_image, "{:.3g}"),
     ("mean", "mean act.", "mean value over the patches where the latent is > 0", lambda s: s.mean_active, "{:.3g}"),
     ("max", "max act.", "largest value over all patches", lambda s: s.max_act, "{:.3g}"),
-    ("entropy", "entropy", "label entropy (nats) of the top images by max patch activation", lambda s: s.top["max"].entropy, "{:.3f}"),
+    ("entropy", "entropy (top by max)", "label entropy (nats) of the top images by max patch activation", lambda s: s.top["max"].entropy, "{:.3f}"),
     ("count", "count > tau", "patches above tau over the whole store", lambda s: s.count_dataset, "{:d}"),
 )
+_PATCHSAE_COLUMNS = (
+    ("ps_freq", "PatchSAE freq", "PatchSAE's activated frequency: fraction of images whose score (the mean over all the "
+     "image's tokens, CLS included) is > 0", lambda s: s.patchsae_freq, "{:.3g}"),
+    ("ps_mean", "PatchSAE mean act.", "PatchSAE's mean activation: the mean score over the images where it is > 0",
+     lambda s: s.patchsae_mean_act, "{:.3g}"),
+    ("ps_entropy", "PatchSAE entropy", "label entropy (nats) of the top images by PatchSAE's score",
+     lambda s: s.top[PATCHSAE_RANKING].entropy, "{:.3f}"),
+)
+"""PatchSAE's statistics (tools/accumulate.py), shown when the topk folder has them."""
+
+
+def _columns(s) -> tuple:
+    return _COLUMNS + (_PATCHSAE_COLUMNS if s.has_patchsae else ())
 
 
 class ReportResult(NamedTuple):
@@ -88,23 +100,14 @@ def _data_value(v) -> str:
     return repr(float(v)) if isinstance(v, (float, np.floating)) else str(int(v))
 
 
-def build_report(
-    topk_dpath: str | os.PathLike,
-    out_dpath: str | os.PathLike | None = None,
-    *,
-    saes: Sequence[str] | None = None,
-    latents: Sequence[int] | None = None,
-    max_pages: int = 128,
-    style: GridStyle = GridStyle(),
-    data_root: str | None = None,
-    quiet: bool = False,
-) -> ReportResult:
-    """Write the HTML report of a topk folder; returns the path of its index.html.
-
-    `saes`: which SAEs (default all). `latents`: which latents get a page (default `max_pages` spread over
-    the frequency range, per SAE)."""
+def build_report(topk_dpath: str | os.PathLike, out_dpath: str | os.PathLike | None = None, **options) -> ReportResult:
+    """Write the HTML report of a topk folder; returns the path of its index.html. `options` are
+    ReportConfig fields: `saes` (default all), `latents` that get a page (default `max_pages` spread over
+    the frequency range, per SAE), the grid style, `data_root`, `quiet`."""
+    cfg = ReportConfig(out_dpath=None if out_dpath is None else str(out_dpath), **options)
+    saes, latents, max_pages, style, data_root, quiet = cfg.saes, cfg.latents, cfg.max_pages, cfg.style, cfg.data_root, cfg.quiet
     names = list(saes) if saes else list_saes(topk_dpath)
-    out = pathlib.Path(out_dpath) if out_dpath is not None else pathlib.Path(topk_dpath) / "report"
+    out = pathlib.Path(cfg.out_dpath) if cfg.out_dpath is not None else pathlib.Path(topk_dpath) / "report"
     out.mkdir(parents=True, exist_ok=True)
     (out / "assets").mkdir(exist_ok=True)
     for a in ASSETS:
@@ -160,10 +163,12 @@ def _build_sae(
     (out / "images").mkdir(parents=True)
     (out / "latents").mkdir()
     plot_scatter(s, out / "images" / "scatter.png")
+    if s.has_patchsae:
+        plot_patchsae_scatter(s, out / "images" / "scatter_patchsae.png")
     plot_freq_hist(s, out / "images" / "freq_hist.png")
     chosen_set = set(chosen)
     for j, i in enumerate(tqdm(chosen, desc=f"report {data.name}", unit="latent", disable=quiet)):
-        for r in RANKINGS:
+        for r in s.top:
             exemplar_grid(data, i, r, reader, style).save(out / "images" / f"latent_{i}_{r}.png")
         prev_i = chosen[j - 1] if j > 0 else None
         next_i = chosen[j + 1] if j + 1 < len(chosen) else None
@@ -184,9 +189,10 @@ def _image_ids(data: TopkData) -> list[str] | None:
 def _sae_index(data: TopkData, with_page: set, warning: str | None) -> str:
     s, ix = data.stats, data.index
     # Each column once: freq and mean are properties that compute the whole (L,) vector on every access.
-    values = [(key, get(s), fmt) for key, _, _, get, fmt in _COLUMNS]
+    columns = _columns(s)
+    values = [(key, get(s), fmt) for key, _, _, get, fmt in columns]
     head = "<th data-key=\"latent\" title=\"latent index\">latent</th>" + "".join(
-        f"<th data-key=\"{key}\" title=\"{_e(desc)}\">{_e(label)}</th>" for key, label, desc, _, _ in _COLUMNS
+        f"<th data-key=\"{key}\" title=\"{_e(desc)}\">{_e(label)}</th>" for key, label, desc, _, _ in columns
     )
     body_rows = []
     for i in range(s.n_patches_active.size):
@@ -209,12 +215,15 @@ def _sae_index(data: TopkData, with_page: set, warning: str | None) -> str:
         f"{ix['n_patches']} patches; top {ix['k']} exemplars per latent; counts above tau={ix['tau']}. "
         f"Latents in grey have no page (pass --latents to build theirs).</p>"
         + (f"<p class=\"warning\">{_e(warning)}</p>" if warning else "")
-        + "<div class=\"plots\"><img src=\"images/scatter.png\" alt=\"frequency vs mean activation\">"
-        "<img src=\"images/freq_hist.png\" alt=\"frequency histogram\"></div>"
+        + "<div class=\"plots\"><img src=\"images/scatter.png\" alt=\"frequency vs mean activation, colour: entropy of the top images by max\">"
+        + ("<img src=\"images/scatter_patchsae.png\" alt=\"PatchSAE frequency vs mean activation, colour: entropy of the top "
+           "images by PatchSAE's score\">" if s.has_patchsae else "")
+        + "<img src=\"images/freq_hist.png\" alt=\"frequency histogram\"></div>"
         "<form id=\"filters\" onsubmit=\"return false\">"
         + bounds("freq", "freq (patch)")
         + bounds("mean", "mean act.")
-        + bounds("entropy", "entropy")
+        + bounds("entropy", "entropy (top by max)")
+        + (bounds("ps_freq", "PatchSAE freq") + bounds("ps_entropy", "PatchSAE entropy") if s.has_patchsae else "")
         + "<label><input type=\"checkbox\" id=\"pages-only\"> with a page only</label>"
         f"<span><span id=\"n-shown\">{s.n_patches_active.size}</span> of {s.n_patches_active.size} latents shown</span></form>"
         f"<table id=\"latents\" class=\"sortable\"><thead><tr>{head}</tr></thead><tbody>\n"
@@ -233,7 +242,7 @@ def _latent_page(data: TopkData, i: int, image_ids, prev_i, next_i, warning) -> 
     if next_i is not None:
         nav += f"<a href=\"{next_i}.html\">latent {next_i} &rarr;</a>"
     nav += "</div>"
-    stat_rows = "".join(f"<tr><th title=\"{_e(desc)}\">{_e(label)}</th><td>{_fmt(fmt, get(s)[i])}</td></tr>" for _, label, desc, get, fmt in _COLUMNS)
+    stat_rows = "".join(f"<tr><th title=\"{_e(desc)}\">{_e(label)}</th><td>{_fmt(fmt, get(s)[i])}</td></tr>" for _, label, desc, get, fmt in _columns(s))
     stat_rows += (
         f"<tr><th>entropy (top by mean)</th><td>{_fmt('{:.3f}', s.top['mean'].entropy[i])}</td></tr>"
         f"<tr><th>active patches</th><td>{int(s.n_patches_active[i])}</td></tr>"
@@ -246,7 +255,7 @@ def _latent_page(data: TopkData, i: int, image_ids, prev_i, next_i, warning) -> 
         return class_names[lab] if class_names and lab < len(class_names) else str(lab)
 
     sections = []
-    for r in RANKINGS:
+    for r in s.top:
         ex = s.top[r]
         filled = np.nonzero(ex.images[i] >= 0)[0]
         rows = "".join(
@@ -260,18 +269,21 @@ def _latent_page(data: TopkData, i: int, image_ids, prev_i, next_i, warning) -> 
             + ("<table><thead><tr><th>rank</th><th>image</th><th>id</th><th>label</th><th>score</th></tr></thead>"
                f"<tbody>{rows}</tbody></table>" if filled.size else "")
         )
-    cls = ""
-    if s.count_class.shape[0]:
-        counts = s.count_class[:, i]
+    def class_table(title: str, counts) -> str:
         total = int(counts.sum())
         order = np.argsort(-counts, kind="stable")[:10]
         rows = "".join(
             f"<tr><td>{_e(label_name(int(c)))}</td><td>{int(counts[c])}</td><td>{(counts[c] / total if total else 0):.1%}</td></tr>" for c in order if counts[c] > 0
         )
-        cls = (
-            f"<h2>Patches above tau={ix['tau']} per class</h2>"
-            + (f"<table><thead><tr><th>class</th><th>count</th><th>share</th></tr></thead><tbody>{rows}</tbody></table>" if rows else "<p>None.</p>")
-        )
+        return f"<h2>{_e(title)}</h2>" + (
+            f"<table><thead><tr><th>class</th><th>count</th><th>share</th></tr></thead><tbody>{rows}</tbody></table>" if rows else "<p>None.</p>")
+
+    cls = ""
+    if s.count_class.shape[0]:
+        cls = class_table(f"Patches above tau={ix['tau']} per class", s.count_class[:, i])
+        if s.has_patchsae:
+            cls += class_table(f"PatchSAE's class counts: tokens above tau={ix['tau']} per class, CLS included",
+                               s.patchsae_count_class[:, i])
     body = (
         nav
         + f"<h1>Latent {i} <span class=\"meta\">of SAE {_e(data.name)}</span></h1>"

@@ -1,4 +1,11 @@
-"""`saev-train STORE --hook H`: train several SAEs per pass over a store. A thin face over `run_training`."""
+"""`saev-train STORE --hook H`: train several SAEs per pass over a store. A thin face over `run_training`.
+
+The run options are TrainConfig's fields and the SAE flags are the sweep keys (trainers/sweep.py), both
+made into click options by saev_store/options.py.
+
+    saev-train demo/fmnist.zarr --hook _blocks.10 --out demo/run
+    accelerate launch -m trainers.cli STORE --hook H ...     # data parallel
+"""
 
 from __future__ import annotations
 
@@ -6,19 +13,13 @@ import os
 
 import click
 
-from saev_store.errors import UserError, cli_errors
+from saev_store.errors import UserError, cli_class
+from saev_store.options import build, click_param, given, options
 
+from .config import TrainConfig
+from .sweep import axes
 
-_user_errors = cli_errors("the last checkpoint is kept; rerun the same command with --resume.")
-
-
-def _list(value: str | None, kind=float, what: str = "value") -> list | None:
-    if value is None:
-        return None
-    try:
-        return [kind(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{what} {value!r} must be a comma-separated list of numbers.") from None
+ON_INTERRUPT = "the last checkpoint is kept; rerun the same command with --resume."
 
 
 def _init_distributed(device: str) -> str:
@@ -31,106 +32,57 @@ def _init_distributed(device: str) -> str:
     return str(state.device) if device.startswith("cuda") else "cpu"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.argument("store")
-@click.option("--hook", required=True, help="Hook of the store to train on (see `saev-store info STORE`).")
-@click.option("--tokens", default="patches", show_default=True, type=click.Choice(["patches", "cls", "all"]))
-@click.option("--width", default="4x,8x,16x", show_default=True,
-              help="Comma list of widths: 'Nx' (or a bare N <= 256) is N * d_in latents, larger numbers are absolute.")
-@click.option("--arch", default=None, type=click.Choice(["relu", "topk", "batchtopk"]),
-              help="Architecture [default: relu, or topk when --k is given].")
-@click.option("--l1", default="1,2,4", show_default=True, help="Comma list of L1 coefficients (relu).")
-@click.option("--k", default=None, help="Comma list of active latents per token (topk/batchtopk).")
-@click.option("--lr", default="1e-3", show_default=True, help="Comma list of peak learning rates.")
+def _sae_options(fn):
+    """One comma-list flag per sweep key: the SAEs are the product of the lists (or the --sweep file's)."""
+    for key, axis in reversed(list(axes().items())):
+        text = f"{axis.spec.help} A comma list" + (f" of {', '.join(axis.spec.choices)}." if axis.spec.choices else ".")
+        spec = axis.spec._replace(kind="list", n_items=None)
+        for deco in reversed(click_param(spec, default=None, help=text, doc_default=axis.grid_doc)):
+            fn = deco(fn)
+    return fn
+
+
+@click.command(cls=cli_class(click.Command, ON_INTERRUPT), context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@_sae_options
+@options(TrainConfig)
 @click.option("--sweep", "sweep_fpath", default=None, type=click.Path(dir_okay=False),
-              help="TOML file listing the SAEs instead of --width/--l1/--k/--lr (see trainers/sweep.py).")
-@click.option("--parallel", default=9, show_default=True, type=int, help="SAEs sharing one pass over the data.")
-@click.option("--batch-size", default=4096, show_default=True, type=int, help="Rows per step (all ranks together).")
-@click.option("--n-patches", default=None, type=int, help="Training budget in patches [default: --n-epochs epochs].")
-@click.option("--n-epochs", default=1, show_default=True, type=int)
-@click.option("--warmup-steps", default=100, show_default=True, type=int, help="Linear learning-rate warmup.")
-@click.option("--schedule", default="constant", show_default=True, type=click.Choice(["constant", "cosine"]))
-@click.option("--lr-min-frac", default=0.0, show_default=True, type=float, help="Cosine end value / peak.")
-@click.option("--l1-warmup-steps", default=100, show_default=True, type=int, help="Linear L1-coefficient warmup.")
-@click.option("--scale-lr-with-width/--no-scale-lr-with-width", default=False, show_default=True,
-              help="lr / sqrt(d_sae / 2^14) per SAE.")
-@click.option("--b-dec-init", default="mean", show_default=True, type=click.Choice(["mean", "median", "zeros"]),
-              help="Decoder bias at the first batch's mean or geometric median.")
-@click.option("--aux-coef", default=1 / 32, show_default=True, type=float, help="Dead-latent auxiliary loss weight (topk).")
-@click.option("--dead-after", default=1_000_000, show_default=True, type=int, help="Tokens without firing before a latent is dead.")
-@click.option("--normalize/--no-normalize", default=True, show_default=True, help="Use the store's statistics.")
-@click.option("--fuse-encoders/--no-fuse-encoders", default=True, show_default=True,
-              help="Equal-width encoders as one matrix product (else one bmm).")
-@click.option("--held-out", default=0.1, show_default=True, type=float, help="Fraction of images held out for evaluation.")
-@click.option("--max-eval-images", default=2000, show_default=True, type=int, help="Cap on held-out images evaluated.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--ckpt-every", default=500, show_default=True, type=int, help="Steps between checkpoints (0: end only).")
-@click.option("--log-every", default=50, show_default=True, type=int)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1 ...")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "tf32", "bf16"]))
-@click.option("--compile", "compile_", default="auto", show_default=True, type=click.Choice(["auto", "on", "off"]),
-              help="Fuse the step's element-wise stages and Adam with torch.compile (auto: on CUDA with Triton).")
-@click.option("--buffer-mb", default=512, show_default=True, type=int, help="Loader shuffle buffer.")
-@click.option("--n-readers", default=2, show_default=True, type=int, help="Loader chunk readers in flight.")
-@click.option("--out", "out_dpath", default=None, help="Run directory [default: runs/<store name>-<hook>].")
+              help="TOML file listing the SAEs instead of the product of the SAE flags (see trainers/sweep.py).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out (same settings).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@_user_errors
-def main(store, hook, tokens, width, arch, l1, k, lr, sweep_fpath, parallel, batch_size, n_patches, n_epochs, warmup_steps,
-         schedule, lr_min_frac, l1_warmup_steps, scale_lr_with_width, b_dec_init, aux_coef, dead_after, normalize,
-         fuse_encoders, held_out, max_eval_images, seed, ckpt_every, log_every, device, precision, compile_, buffer_mb,
-         n_readers, out_dpath, resume, quiet):
+def main(sweep_fpath, resume, **params):
     """Train sparse autoencoders on one hook of STORE, several per pass over the data.
 
-    The SAEs are the product of --width, --l1 (relu) or --k (topk/batchtopk) and --lr, or the entries of
-    --sweep. The defaults train nine: three widths times three L1 coefficients.
+    The SAEs are the product of --width, --arch, --l1 (relu) or --k (topk/batchtopk), --lr and the other
+    SAE flags, or the entries of --sweep. The defaults train nine: three widths times three L1 coefficients.
     """
     import pathlib
 
     from saev_store.store import open_store
 
-    from .config import TrainConfig
+    from .distributed import rank_world
     from .run import run_training
     from .sweep import expand, from_toml
 
-    device = _init_distributed(device)
+    explicit = given()
+    sae_spec = {key: list(params.pop(key)) for key in list(axes()) if params[key] is not None}
+    for key in axes():
+        params.pop(key, None)
+    params["device"] = _init_distributed(params["device"])
+    store, hook = params["store"], params["hook"]
     st = open_store(store)
     if hook not in st.hooks:
         raise UserError(f"hook {hook!r} is not in {store}; it has {', '.join(st.hooks)}. Pass one with --hook.")
     d_in = st.hook(hook).d
     if sweep_fpath is not None:
-        saes = from_toml(sweep_fpath, d_in, seed)
+        saes = from_toml(sweep_fpath, d_in, params["seed"], base=sae_spec)
     else:
-        spec = {"width": width.split(","), "lr": _list(lr, float, "--lr")}
-        if k is not None:
-            spec["k"] = _list(k, int, "--k")
-            spec["arch"] = arch or "topk"
-            if spec["arch"] == "relu":
-                raise UserError("--k is for topk/batchtopk SAEs; a relu SAE takes --l1.")
-        else:
-            spec["arch"] = arch or "relu"
-            spec["l1"] = _list(l1, float, "--l1")
-        spec["aux_coef"], spec["dead_after"] = aux_coef, dead_after
-        saes = expand(spec, d_in, seed)
-    if out_dpath is None:
-        out_dpath = str(pathlib.Path("runs") / f"{pathlib.Path(store.rstrip('/')).stem}-{hook}")
-    cfg = TrainConfig(
-        saes=tuple(saes), out_dpath=out_dpath, store=store, hook=hook, tokens=tokens, normalize=normalize,
-        batch_size=batch_size, n_patches=n_patches, n_epochs=n_epochs, warmup_steps=warmup_steps, schedule=schedule,
-        lr_min_frac=lr_min_frac, l1_warmup_steps=l1_warmup_steps, scale_lr_with_width=scale_lr_with_width,
-        b_dec_init=b_dec_init, seed=seed, parallel=parallel, fuse_encoders=fuse_encoders, ckpt_every=ckpt_every,
-        log_every=log_every, held_out_frac=held_out, max_eval_images=max_eval_images, device=device,
-        precision=precision, compile=compile_, buffer_mb=buffer_mb, n_readers=n_readers, quiet=quiet,
-    )
-    n_pass = len(cfg.passes())
-    click.echo(f"training {len(saes)} SAEs on {store} [{hook}, {tokens}, d={d_in}] in {n_pass} pass(es) -> {out_dpath}",
-               err=True)
-    from .distributed import rank_world
-
+        saes = expand(sae_spec, d_in, params["seed"])
+    cfg = build(TrainConfig, params, explicit=explicit, saes=tuple(saes))
+    click.echo(f"training {len(saes)} SAEs on {store} [{hook}, {cfg.tokens}, d={d_in}] in {len(cfg.passes())} pass(es) "
+               f"-> {cfg.out_dpath}", err=True)
     rows = run_training(cfg, resume=resume)
     if rank_world()[0] == 0:
-        click.echo((pathlib.Path(out_dpath) / "table.md").read_text())
-        click.echo(f"wrote {len(rows)} SAEs to {out_dpath} (table.csv, table.md, <sae>/metrics.json, <sae>/freq.png)", err=True)
+        click.echo((pathlib.Path(cfg.out_dpath) / "table.md").read_text())
+        click.echo(f"wrote {len(rows)} SAEs to {cfg.out_dpath} (table.csv, table.md, <sae>/metrics.json, <sae>/freq.png)", err=True)
 
 
 if __name__ == "__main__":  # `accelerate launch -m trainers.cli STORE ...`

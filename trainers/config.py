@@ -9,56 +9,78 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pathlib
+import typing
 from typing import Literal
 
 from saev_store.errors import UserError
+from saev_store.layout import TokenSelection
+from saev_store.loaders import DEFAULT_BUFFER_MB, DEFAULT_N_READERS
+from saev_store.options import check_applies, check_choices, option, specs
 
 Arch = Literal["relu", "topk", "batchtopk"]
-ARCHS: tuple[str, ...] = ("relu", "topk", "batchtopk")
+"""SAE architectures, named once."""
+ARCHS: tuple[str, ...] = typing.get_args(Arch)
+TOPK_ARCHS = ("topk", "batchtopk")
+"""The architectures that keep k latents and have the auxiliary dead-latent loss."""
+Schedule = Literal["constant", "cosine"]
+BDecInit = Literal["mean", "median", "zeros"]
+Precision = Literal["fp32", "tf32", "bf16"]
+Compile = Literal["auto", "on", "off"]
 
 
 @dataclasses.dataclass(frozen=True)
 class SAEConfig:
-    """One sparse autoencoder: width, sparsity mechanism and learning rate."""
+    """One sparse autoencoder: width, sparsity mechanism and learning rate.
 
-    name: str
+    The fields with settings in their metadata are the sweep's keys and `saev-train`'s SAE flags
+    (trainers/sweep.py: each takes a list, and the SAEs are the product): a new documented field here is a
+    new flag and sweep key. `grid` is what a sweep without the key trains (default: the field's default);
+    `when=("arch", ...)` names the architectures that use the field: a value for another one is an error,
+    and the field is stored as 0 there."""
+
+    name: str = option(cli=False)
     """Folder name of this SAE inside the run directory (unique within a run)."""
-    d_in: int
+    d_in: int = option(cli=False)
     """Input width (the hook's d)."""
-    d_sae: int
-    """Number of latents."""
-    arch: Arch = "relu"
+    d_sae: int = option(cli=False)
+    """Number of latents (from the sweep's `width`)."""
+    arch: Arch = option("relu", grid_doc="relu, or topk when k is given")
     """`relu` (ReLU + L1 penalty), `topk` (keep the k largest per token) or `batchtopk` (keep the k*B largest per batch)."""
-    l1: float = 5.0
-    """L1 coefficient on the latents (ReLU only), applied after the sparsity warmup. The loss sums the squared
-    error over d, and inputs are normalized to mean ||x||^2 = d, so the seeds' value of about 5 transfers."""
-    k: int = 0
-    """Active latents per token (TopK, BatchTopK); 0 for ReLU."""
-    lr: float = 4e-4
+    l1: float = option(1.0, when=("arch", ("relu",)), grid=(1.0, 2.0, 4.0))
+    """L1 coefficient on the latents (relu), applied after the sparsity warmup. The loss sums the squared
+    error over d, and inputs are normalized to mean ||x||^2 = d, so values of about 1-5 suit most hooks."""
+    k: int = option(0, when=("arch", TOPK_ARCHS), grid_doc="none; topk and batchtopk SAEs need it")
+    """Active latents per token (topk, batchtopk)."""
+    lr: float = 1e-3
     """Peak Adam learning rate (before optional width scaling)."""
-    aux_coef: float = 1 / 32
-    """Weight of the auxiliary dead-latent loss (TopK, BatchTopK), as in Gao et al. (2024)."""
-    aux_k: int = 0
-    """Dead latents the auxiliary loss may use per token; 0 means d_in // 2."""
+    aux_coef: float = option(1 / 32, when=("arch", TOPK_ARCHS))
+    """Weight of the auxiliary dead-latent loss (topk, batchtopk), as in Gao et al. (2024)."""
+    aux_k: int = option(0, when=("arch", TOPK_ARCHS))
+    """Dead latents the auxiliary loss may use per token (topk, batchtopk); 0 means d_in // 2."""
     dead_after: int = 1_000_000
     """A latent that has not fired for this many training tokens counts as dead (for the auxiliary loss and
     the dead fraction logged during training)."""
-    seed: int = 0
+    seed: int = option(0, cli=False)
     """Seed of this SAE's initialization (independent of the others, so a bank equals one-at-a-time runs)."""
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise UserError(f"SAE {self.name!r}: architecture {self.arch!r} is unknown; choose one of {', '.join(ARCHS)}.")
+        for spec in specs(SAEConfig):
+            if spec.when is None or self.arch in spec.when[1]:
+                continue
+            value = getattr(self, spec.name)
+            if value not in (spec.default, 0):
+                raise UserError(f"SAE {self.name!r}: {spec.name}={value:g} is for {', '.join(spec.when[1])} SAEs; a {self.arch} "
+                                f"SAE does not use it (--{spec.name.replace('_', '-')}).")
+            object.__setattr__(self, spec.name, type(value)(0))  # unused: recorded as 0
         if self.d_in < 1 or self.d_sae < 1:
             raise UserError(f"SAE {self.name!r}: d_in={self.d_in} and d_sae={self.d_sae} must be positive.")
-        if self.arch == "relu":
-            if self.l1 < 0:
-                raise UserError(f"SAE {self.name!r}: l1={self.l1} must be >= 0.")
-            if self.k:
-                raise UserError(f"SAE {self.name!r}: k={self.k} is for topk/batchtopk; a relu SAE uses --l1.")
-        else:
-            if not 1 <= self.k <= self.d_sae:
-                raise UserError(f"SAE {self.name!r}: {self.arch} needs 1 <= k <= d_sae={self.d_sae}, got k={self.k}; pass --k.")
+        if self.arch == "relu" and self.l1 < 0:
+            raise UserError(f"SAE {self.name!r}: l1={self.l1} must be >= 0.")
+        if self.arch in TOPK_ARCHS and not 1 <= self.k <= self.d_sae:
+            raise UserError(f"SAE {self.name!r}: {self.arch} needs 1 <= k <= d_sae={self.d_sae}, got k={self.k}; pass --k.")
         if not self.lr > 0:
             raise UserError(f"SAE {self.name!r}: learning rate {self.lr} must be positive.")
         if self.aux_k < 0 or self.dead_after < 1 or self.aux_coef < 0:
@@ -82,42 +104,44 @@ class SAEConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """How to train: data, budget, schedules, checkpoints, hardware."""
+    """How to train: data, budget, schedules, checkpoints, hardware (`saev-train`'s run options,
+    saev_store/options.py; the SAEs come from SAEConfig's sweep keys)."""
 
-    saes: tuple[SAEConfig, ...]
+    saes: tuple[SAEConfig, ...] = option(cli=False)
     """The SAEs of the run."""
-    out_dpath: str = "runs/run"
-    """Run directory: one subfolder per SAE, run.json, table.csv/md, metrics.jsonl, ckpt/."""
-    store: str | None = None
+    out_dpath: str | None = option(None, flag="--out")
+    """Run directory: one subfolder per SAE, run.json, table.csv/md, metrics.jsonl, ckpt/ [default:
+    runs/<store name>-<hook>]."""
+    store: str | None = option(None, argument=True, required=True)
     """Store path the activations come from (None for an in-memory iterable)."""
-    hook: str = ""
-    """Hook of the store to train on."""
-    tokens: str = "patches"
-    """Token selection: patches, cls or all."""
+    hook: str = option("", required=True)
+    """Hook of the store to train on (see `saev-store info STORE`)."""
+    tokens: TokenSelection = "patches"
+    """Token selection to train on."""
     normalize: bool = True
     """Normalize inputs with the store's statistics ((x - mean) * sqrt(d) / rms_norm); recorded with each SAE."""
     batch_size: int = 4096
     """Rows per step (summed over ranks in distributed runs)."""
     n_patches: int | None = None
-    """Training budget in rows (patches); the run stops after ceil(n_patches / batch_size) steps."""
-    n_epochs: int = 1
-    """Epochs over the training images when n_patches is None."""
+    """Training budget in rows (patches); the run stops after ceil(n_patches / batch_size) steps [default: --n-epochs epochs]."""
+    n_epochs: int = option(1, when=("n_patches", (None,)))
+    """Epochs over the training images when --n-patches is not given."""
     warmup_steps: int = 100
     """Linear learning-rate warmup from 0."""
-    schedule: Literal["constant", "cosine"] = "constant"
+    schedule: Schedule = "constant"
     """Learning rate after warmup: constant, or cosine decay to lr * lr_min_frac at the last step."""
-    lr_min_frac: float = 0.0
+    lr_min_frac: float = option(0.0, when=("schedule", ("cosine",)))
     """Final learning rate of the cosine schedule, as a fraction of the peak."""
     l1_warmup_steps: int = 100
-    """Linear warmup of the L1 coefficient from 0 (ReLU SAEs)."""
-    scale_lr_with_width: bool = False
+    """Linear warmup of the L1 coefficient from 0 (relu SAEs)."""
+    scale_lr_with_width: bool = option(False, negatable=True)
     """Scale each SAE's learning rate by 1 / sqrt(d_sae / 2^14)."""
-    b_dec_init: Literal["mean", "median", "zeros"] = "mean"
+    b_dec_init: BDecInit = "mean"
     """Decoder bias at step 0: the first batch's mean, its geometric median, or zeros."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas (saev and SAELens use the PyTorch defaults)."""
     adam_eps: float = 1e-8
-    """Adam epsilon."""
+    """Adam epsilon (> 0)."""
     seed: int = 0
     """Seed of data order, held-out split and (offset per SAE) initialization."""
     parallel: int = 9
@@ -128,30 +152,37 @@ class TrainConfig:
     """Steps between checkpoints (0: never, except at the end of each pass)."""
     log_every: int = 50
     """Steps between metric lines in metrics.jsonl and the progress bar."""
-    held_out_frac: float = 0.1
+    held_out_frac: float = option(0.1, flag="--held-out")
     """Fraction of images (never patches) kept out of training for the final evaluation."""
     max_eval_images: int | None = 2000
     """Cap on held-out images evaluated (None: all)."""
     device: str = "cpu"
     """Torch device: cpu, cuda, cuda:1 ..."""
-    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
     """fp32 (default, exact); tf32 (TF32 matmuls on GPU); bf16 (bf16 matrix products and latents on GPU, fp32 master weights, Adam and losses)."""
-    compile: Literal["auto", "on", "off"] = "auto"
+    compile: Compile = "auto"
     """Fuse the step's element-wise stages and Adam with torch.compile (trainers/fused.py). auto: on a
-    CUDA device; a CPU runs them eagerly from cache ("on" is refused there, see fused.stages)."""
-    buffer_mb: int = 512
-    """Shuffle buffer of the loader, MiB."""
-    n_readers: int = 2
+    CUDA device with Triton; a CPU runs them eagerly from cache ("on" is refused there, see fused.stages).
+    The first step compiles for tens of seconds."""
+    buffer_mb: float = DEFAULT_BUFFER_MB
+    """Shuffle buffer of the loader, MiB (per rank). Part of the result: it changes the shuffle order."""
+    n_readers: int = DEFAULT_N_READERS
     """Chunk readers in flight in the loader."""
     quiet: bool = False
     """No progress bar."""
 
     def __post_init__(self):
         object.__setattr__(self, "saes", tuple(self.saes))
+        object.__setattr__(self, "adam_betas", tuple(float(b) for b in self.adam_betas))
         if self.store is not None and "://" not in str(self.store):
             # Recorded in run.json and every SAE's saev_extra.json: absolute, so `saev-tools topk RUN`
             # finds the store from any working directory.
             object.__setattr__(self, "store", os.path.abspath(self.store))
+        if self.out_dpath is None:
+            stem = pathlib.Path(str(self.store).rstrip("/")).stem if self.store is not None else "run"
+            object.__setattr__(self, "out_dpath", str(pathlib.Path("runs") / (f"{stem}-{self.hook}" if self.hook else stem)))
+        check_choices(self)
+        check_applies(self)
         if not self.saes:
             raise UserError("nothing to train: give at least one SAE (--width with --l1 or --k, or --sweep).")
         names = [s.name for s in self.saes]
@@ -165,14 +196,6 @@ class TrainConfig:
             raise UserError(f"--n-patches {self.n_patches} is less than one batch ({self.batch_size}); raise it.")
         if self.n_epochs < 1:
             raise UserError(f"--n-epochs {self.n_epochs} must be at least 1.")
-        if self.schedule not in ("constant", "cosine"):
-            raise UserError(f"schedule {self.schedule!r} is unknown; choose constant or cosine.")
-        if self.b_dec_init not in ("mean", "median", "zeros"):
-            raise UserError(f"b_dec init {self.b_dec_init!r} is unknown; choose mean, median or zeros.")
-        if self.precision not in ("fp32", "tf32", "bf16"):
-            raise UserError(f"precision {self.precision!r} is unknown; choose fp32, tf32 or bf16.")
-        if self.compile not in ("auto", "on", "off"):
-            raise UserError(f"compile {self.compile!r} is unknown; choose auto, on or off.")
         if self.compile == "on" and not self.device.startswith("cuda"):
             raise UserError(f"--compile on needs a CUDA device (PyTorch's CPU code generator cannot compile the "
                             f"decoder update, and the eager stages already run from cache on {self.device}); use auto or off.")
@@ -184,8 +207,10 @@ class TrainConfig:
             raise UserError("parallel >= 1, warmup steps >= 0 and ckpt_every >= 0 are required.")
         if self.log_every < 1:
             raise UserError(f"log_every {self.log_every} must be at least 1.")
-        if self.tokens not in ("patches", "cls", "all"):
-            raise UserError(f"token selection {self.tokens!r} is unknown; choose patches, cls or all.")
+        if not self.adam_eps > 0 or len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise UserError(f"Adam needs eps > 0 and two betas in [0, 1); got eps={self.adam_eps}, betas={self.adam_betas}.")
+        if not self.buffer_mb > 0 or self.n_readers < 1:
+            raise UserError(f"--buffer-mb must be > 0 and --n-readers >= 1; got {self.buffer_mb} and {self.n_readers}.")
 
     @property
     def d_in(self) -> int:

@@ -1,7 +1,7 @@
 """Write one trained SAE in the layout SAELens 6 (`SAE.load_from_disk`) accepts, plus our own state.
 
 SAELens ignores normalization fields after loading, so the input normalization x' = (x - mu) * s is
-folded into the weights (DESIGN.md): W_enc and W_dec unchanged, b_enc / s, b_dec -> mu + b_dec / s,
+folded into the weights (ARCHITECTURE.md, Training): W_enc and W_dec unchanged, b_enc / s, b_dec -> mu + b_dec / s,
 threshold / s. The folded SAE maps RAW activations to the trained SAE's latents divided by s and
 reconstructs raw activations. Architectures map relu -> "standard", topk -> "topk" (with "k"),
 batchtopk -> "jumprelu" (its learned inference threshold, one value for every latent).

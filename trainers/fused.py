@@ -52,30 +52,35 @@ def mask_grad_(dz_mbs: torch.Tensor, z_mbs: torch.Tensor, c_m: torch.Tensor) -> 
     return torch.ops.aten.threshold_backward.grad_input(dz_mbs, z_mbs, 0, grad_input=dz_mbs)
 
 
-def adam_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, inv: torch.Tensor,
-          inv_eps: torch.Tensor, b1: float, b2: float) -> None:
-    """One Adam update in place: p -= m_hat / (sqrt(v_hat) + eps) * lr, written as
-    p -= m / ((sqrt(v) + eps c) * inv) with c = sqrt(1 - b2^t), inv = (1 - b1^t) / (lr c) and
-    inv_eps = inv * eps * c, both broadcast along the member axis (see `optim.BankAdam.step`)."""
-    p.addcdiv_(m, _moments_(g, m, v, inv, inv_eps, b1, b2), value=-1.0)
+def adam_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: torch.Tensor,
+          eps_c: torch.Tensor, b1: float, b2: float) -> None:
+    """One Adam update in place: p -= lr / (1 - b1^t) * m / (sqrt(v) / c + eps), written as
+    p -= step * m / (sqrt(v) + eps c) with c = sqrt(1 - b2^t), step = lr c / (1 - b1^t) broadcast
+    along the member axis and eps_c = eps c a 0-d tensor (see `optim.BankAdam.step`). At lr 0 the
+    step is exactly 0, also where m and v are 0 (a latent that never fired), as in `torch.optim.Adam`."""
+    p.addcmul_(_ratio_(g, m, v, eps_c, b1, b2), step, value=-1.0)
 
 
-def adam_decoder_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, inv: torch.Tensor,
-                  inv_eps: torch.Tensor, b1: float, b2: float) -> None:
+def adam_decoder_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: torch.Tensor,
+                  eps_c: torch.Tensor, b1: float, b2: float) -> None:
     """`adam_` for decoder rows (last axis) under the unit-norm constraint (constraints.py): the
     gradient's component along each row is removed before the moments see it (in place in `g`),
     the update's after Adam's per-element scaling, and the rows are renormalized after the step."""
     remove_parallel_(g, p)
-    update = torch.div(m, _moments_(g, m, v, inv, inv_eps, b1, b2))
+    update = _ratio_(g, m, v, eps_c, b1, b2).mul_(step)
     p.sub_(remove_parallel_(update, p))
     renormalize_rows_(p)
 
 
-def _moments_(g, m, v, inv, inv_eps, b1: float, b2: float) -> torch.Tensor:
-    """Adam's moments updated in place with `g`; returns the update's denominator sqrt(v) * inv + inv_eps."""
+def _ratio_(g, m, v, eps_c: torch.Tensor, b1: float, b2: float) -> torch.Tensor:
+    """Adam's moments updated in place with `g`; returns m / (sqrt(v) + eps c) in a new tensor.
+
+    The learning rate multiplies this ratio afterwards instead of dividing its denominator: the
+    denominator's inverse 1 / lr is infinite at lr 0 and 0 * inf is NaN where v is 0."""
     m.lerp_(g, 1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    return torch.sqrt(v).mul_(inv).add_(inv_eps)
+    denom = torch.sqrt(v).add_(eps_c)
+    return torch.div(m, denom, out=denom)
 
 
 class Stages(NamedTuple):
@@ -91,6 +96,12 @@ class Stages(NamedTuple):
 
 
 EAGER = Stages(relu_stats_, mask_grad_, adam_, adam_decoder_, compiled=False)
+RECOMPILE_LIMIT = 256
+"""Shapes each compiled stage may be compiled for, raised from dynamo's default of 8 (`stages` sets
+it). With static shapes a stage compiles once per shape it meets: Adam three per width of a pass
+(W_enc, b_enc and b_dec of each group), the latent stages one per chunk shape, and the count adds up
+over the passes of a run. With fullgraph=True, reaching dynamo's 8 is an error, which a pass with four
+widths did (12 shapes)."""
 
 
 def stages(compile: bool, backend: str = "inductor") -> Stages:
@@ -101,4 +112,9 @@ def stages(compile: bool, backend: str = "inductor") -> Stages:
     `adam_decoder_`, so a CPU cannot run the inductor form of every stage)."""
     if not compile:
         return EAGER
+    import torch._dynamo.config
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
     return Stages(*(torch.compile(f, fullgraph=True, dynamic=False, backend=backend) for f in EAGER[:4]), compiled=True)

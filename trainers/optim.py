@@ -67,23 +67,24 @@ class BankAdam:
 
         Every parameter goes through `fused.adam_` (the decoder through `fused.adam_decoder_`, which
         also keeps its rows unit-norm), on a CPU slice by slice. `sqrt(v) / c + eps` with
-        c = sqrt(1 - beta2^t) is rewritten (sqrt(v) + eps c) / c so c folds into the step size."""
+        c = sqrt(1 - beta2^t) is rewritten (sqrt(v) + eps c) / c so c folds into the step size
+        lr c / (1 - beta1^t), which is 0, not a division by 0, at lr 0."""
         self.n_steps += 1
         b1, b2 = self.betas
         bc1 = 1 - b1**self.n_steps
         bc2_sqrt = math.sqrt(1 - b2**self.n_steps)
         for g, state, lr_n in zip(self.bank.groups, self.state, lrs):
-            # p -= lr / bc1 * m / (sqrt(v) / c + eps) = m / ((sqrt(v) + eps c) * inv), inv = bc1 / (lr c)
-            inv_n = bc1 / (lr_n.float() * bc2_sqrt)
+            step_n = lr_n.float() * (bc2_sqrt / bc1)
+            # A tensor, not a float: it changes every step, and a compiled stage would recompile for each value.
+            eps_c = step_n.new_full((), self.eps * bc2_sqrt)
             for name, p in g.named_parameters():
                 if p.grad is None:
                     continue
                 m_all, v_all = state[name]
-                inv = _lr_view(inv_n.to(p), p, MEMBER_AXIS[name])
-                inv_eps = inv * (self.eps * bc2_sqrt)
+                step = _lr_view(step_n.to(p), p, MEMBER_AXIS[name])
                 update = self.stages.adam_decoder_ if name == "W_dec" else self.stages.adam_
                 for sl in _row_chunks(p, ROW_AXIS[name], self.stages.compiled):
-                    update(p.data[sl], p.grad[sl], m_all[sl], v_all[sl], inv, inv_eps, b1, b2)
+                    update(p.data[sl], p.grad[sl], m_all[sl], v_all[sl], step, eps_c.to(p), b1, b2)
 
     def zero_grad(self) -> None:
         for p in self.bank.parameters():

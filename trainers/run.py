@@ -38,8 +38,9 @@ from .distributed import rank_world
 from .train import MetricLogger, train_pass
 
 TABLE_COLUMNS = ("name", "arch", "d_sae", "sparsity", "lr", "l0", "fvu", "mse", "n_dead", "n_almost_dead", "n_dense")
-RESUME_IGNORED = ("quiet", "device", "n_readers", "buffer_mb")
-"""Config fields that may change between an interrupted run and its resume (they do not change the result)."""
+RESUME_IGNORED = ("quiet", "device", "n_readers")
+"""Config fields that may change between an interrupted run and its resume (they do not change the
+result; `buffer_mb` does, since the shuffle order depends on the buffer's size)."""
 
 
 def held_out_mask(valid_n: np.ndarray, frac: float, seed: int) -> np.ndarray:

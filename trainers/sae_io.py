@@ -11,7 +11,7 @@ already include the normalization, so `encode` takes activations exactly as the 
     x_hat = sae.decode(z)         # (n, d_in) raw activations again
 
 Latents are those of the SAE in its training space divided by the normalization scale `s` (see
-DESIGN.md); `sae.latent_scale` is that `s`, for anyone who wants the training-space values.
+ARCHITECTURE.md, Training); `sae.latent_scale` is that `s`, for anyone who wants the training-space values.
 """
 
 from __future__ import annotations
@@ -36,13 +36,20 @@ RUN_FNAME = "run.json"
 SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu"}
 """Our architecture -> the `architecture` SAELens 6 loads (BatchTopK is exported as its JumpReLU form)."""
 SAELENS_ARCHS = tuple(SAELENS_ARCH.values())
+SAELENS_SUPPORTED = {"normalize_activations": ("none",), "reshape_activations": ("none",),
+                     "rescale_acts_by_decoder_norm": (False,)}
+"""SAELens cfg fields that change what encode/decode compute, and the values `SAE` implements (the
+SAELens defaults); a folder with another value is refused, naming the field. `apply_b_dec_to_input`
+is followed either way."""
 
 
 class SAE(nn.Module):
     """An exported SAE, applied to raw activations the way SAELens 6 applies it.
 
     `encode`: standard: relu((x - b_dec) @ W_enc + b_enc); topk: the k largest of that, relu'd;
-    jumprelu: relu(...) kept where it exceeds `threshold`. `decode`: z @ W_dec + b_dec.
+    jumprelu: relu(...) kept where it exceeds `threshold`. `decode`: z @ W_dec + b_dec. The input
+    is centered on b_dec only when the cfg's `apply_b_dec_to_input` is true (SAELens' default and
+    ours); settings outside `SAELENS_SUPPORTED` are refused.
     """
 
     def __init__(self, cfg: dict, weights: dict[str, torch.Tensor], extra: dict | None = None):
@@ -50,8 +57,14 @@ class SAE(nn.Module):
         arch = cfg.get("architecture")
         if arch not in SAELENS_ARCHS:
             raise UserError(f"SAE architecture {arch!r} is not one of {SAELENS_ARCHS}; this is not an SAE we exported.")
+        for field, allowed in SAELENS_SUPPORTED.items():
+            if cfg.get(field, allowed[0]) not in allowed:
+                raise UserError(f"SAE cfg.json has {field}={cfg[field]!r}; this loader implements only "
+                                f"{field}={allowed[0]!r}. Load the folder with sae_lens itself.")
         self.cfg = dict(cfg)
         self.extra = dict(extra or {})
+        self.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", True))
+        """Whether `encode` subtracts b_dec from its input first (SAELens' cfg field of that name)."""
         self.architecture = arch
         self.d_in = int(cfg["d_in"])
         self.d_sae = int(cfg["d_sae"])
@@ -80,8 +93,9 @@ class SAE(nn.Module):
         return self.extra.get("hook") or self.cfg.get("metadata", {}).get("hook_name", "")
 
     @property
-    def tokens(self) -> str:
-        return self.extra.get("tokens", "patches")
+    def tokens(self) -> str | None:
+        """The token selection it was trained on (patches, cls, all); None when the folder does not say."""
+        return self.extra.get("tokens")
 
     @property
     def name(self) -> str:
@@ -105,7 +119,9 @@ class SAE(nn.Module):
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.W_enc.device, torch.float32)
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Raw activations (..., d_in) -> latents (..., d_sae) float32."""
@@ -130,7 +146,8 @@ class SAE(nn.Module):
 
 
 def load_sae(sae_dpath: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
-    """Load one exported SAE folder (ours or any SAELens 6 standard/topk/jumprelu folder)."""
+    """Load one exported SAE folder: ours, or a SAELens 6 standard/topk/jumprelu folder with either
+    `apply_b_dec_to_input` and the other settings at SAELens' defaults (`SAELENS_SUPPORTED`)."""
     dpath = pathlib.Path(sae_dpath)
     cfg_fpath, w_fpath = dpath / CFG_FNAME, dpath / WEIGHTS_FNAME
     if not cfg_fpath.is_file() or not w_fpath.is_file():

@@ -9,12 +9,15 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 from saev_store.datasets.base import BadImageError, ImageSource
 from saev_store.datasets.images import JpegDraft, decode_image, to_rgb
 from saev_store.errors import UserError
 
-__all__ = ["create_dataset", "reopen_dataset", "recorded_description", "list_datasets", "dataset_help", "ImageSource",
-           "BadImageError", "JpegDraft", "to_rgb", "decode_image"]
+__all__ = ["DATASET_KINDS", "create_dataset", "infer_kind", "reopen_dataset", "recorded_description", "list_datasets",
+           "dataset_help", "ImageSource", "BadImageError", "JpegDraft", "to_rgb", "decode_image"]
 
 _KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "fashion-mnist": ("Fashion-MNIST idx files (default root /usr/share/datasets/fashion-mnist; "
@@ -23,6 +26,8 @@ _KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "hf-disk": ("a Hugging Face datasets directory written by save_to_disk", ("image_column", "label_column")),
 }
 """kind -> (one-line description, options it accepts)."""
+DATASET_KINDS: tuple[str, ...] = tuple(_KINDS)
+"""The dataset kinds, named once (RecordConfig's `dataset` choices)."""
 
 
 def list_datasets() -> list[str]:
@@ -35,6 +40,27 @@ def dataset_help(kind: str) -> str:
     if kind not in _KINDS:
         raise UserError(f"Unknown dataset kind {kind!r}; pass one of {', '.join(_KINDS)}.")
     return _KINDS[kind][0]
+
+
+_IDX_IMAGES = re.compile(r".+-images-idx3-ubyte(\.gz)?")
+_HF_DISK_FILES = (("dataset_dict.json",), ("dataset_info.json", "state.json"))
+"""What `save_to_disk` writes at the top of a DatasetDict, or of a Dataset."""
+
+
+def infer_kind(root: str) -> tuple[str, str]:
+    """The dataset kind of directory `root` and why: idx image files -> fashion-mnist, a `datasets`
+    save_to_disk directory -> hf-disk, anything else -> folder (of images)."""
+    if not os.path.isdir(root):
+        from saev_store.datasets.fashion_mnist import DEFAULT_ROOT
+
+        raise UserError(f"--data {root} is not a directory, so there is no dataset to infer the kind of; pass an existing "
+                        f"directory (Fashion-MNIST: `apt-get install dataset-fashion-mnist` puts its idx files in {DEFAULT_ROOT}).")
+    names = set(os.listdir(root))
+    if any(_IDX_IMAGES.fullmatch(n) for n in names):
+        return "fashion-mnist", "it holds idx image files"
+    if any(all(f in names for f in files) for files in _HF_DISK_FILES):
+        return "hf-disk", "it holds a datasets save_to_disk directory"
+    return "folder", "it holds neither idx files nor a datasets save_to_disk directory"
 
 
 def create_dataset(kind: str, root: str | None = None, split: str | None = None, **options) -> ImageSource:

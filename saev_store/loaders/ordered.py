@@ -26,7 +26,7 @@ from .chunks import ChunkReader, as_store, make_selection
 from .prefetch import Prefetcher
 
 
-class Block(NamedTuple):
+class ImageBlock(NamedTuple):
     """Consecutive selected images of one hook."""
 
     acts: torch.Tensor
@@ -80,7 +80,7 @@ class OrderedLoader:
     def __len__(self) -> int:
         return -(-self.n_images // self.block_images)
 
-    def __iter__(self) -> Iterator[Block]:
+    def __iter__(self) -> Iterator[ImageBlock]:
         it = self._blocks()
         self._active.add(it)
         return it
@@ -103,7 +103,7 @@ class OrderedLoader:
             fetch.release(p)
             yield np.ascontiguousarray(x, dtype=np.float32), p.chunk * self._sel.images_per_chunk + off
 
-    def _blocks(self) -> Iterator[Block]:
+    def _blocks(self) -> Iterator[ImageBlock]:
         fetch = Prefetcher(self._reader, n_readers=self.n_readers, depth=self.n_readers + 1)
         try:
             held: list[tuple[np.ndarray, np.ndarray]] = []
@@ -121,7 +121,7 @@ class OrderedLoader:
             fetch.close()
 
     def _take(self, held, n):
-        """The first n held images as a Block, and what is left."""
+        """The first n held images as an ImageBlock, and what is left."""
         xs, ims, got = [], [], 0
         while got < n:
             x, images = held[0]
@@ -138,7 +138,7 @@ class OrderedLoader:
             x -= self._mean32  # in place: these rows are this block's alone
             x *= self._scale32
         images = np.concatenate(ims).astype(np.int64)
-        return Block(torch.from_numpy(np.ascontiguousarray(x)), images, self._labels[images]), held, sum(i.size for _, i in held)
+        return ImageBlock(torch.from_numpy(np.ascontiguousarray(x)), images, self._labels[images]), held, sum(i.size for _, i in held)
 
     def close(self) -> None:
         """Stop the readers of any iteration still open."""
