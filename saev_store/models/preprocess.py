@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +41,15 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
 _PIL_CODES = {int(v): k for k, v in INTERPOLATIONS.items()}
 
 Crop = Literal["center", "none"]
+
+
+class Geometry(NamedTuple):
+    """Where an input image's pixels go: the whole image is resized to `resized_wh`, then `box` is cut out."""
+
+    resized_wh: tuple[int, int]
+    """(width, height) the whole input image is resized to (PIL's order); the input size when unchanged."""
+    box: tuple[int, int, int, int]
+    """(left, top, right, bottom) of the model input inside the resized image (PIL's crop box)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,23 +146,18 @@ class PreprocessConfig:
 
         The recorder's workers return these and `normalize` runs on the model's device: a quarter of
         the bytes through shared memory, pinned memory and the host-to-device copy."""
-        img = img.convert("RGB")
-        resample = INTERPOLATIONS[self.interpolation]
-        h_out, w_out = self.image_size
-        if self.crop == "center":
-            w, h = img.size
-            short, long = (w, h) if w <= h else (h, w)
-            # torchvision's Resize(int) rule: the long side is truncated, not rounded.
-            new_short, new_long = self.resize, int(self.resize * long / short)
-            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-            if (new_w, new_h) != (w, h):
-                img = img.resize((new_w, new_h), resample)
-            top = int(round((new_h - h_out) / 2.0))
-            left = int(round((new_w - w_out) / 2.0))
-            img = img.crop((left, top, left + w_out, top + h_out))
-        elif img.size != (w_out, h_out):
-            img = img.resize((w_out, h_out), resample)
+        img = self.resize_crop(img.convert("RGB"))
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+    def resize_crop(self, img: Image.Image, interpolation: str | None = None) -> Image.Image:
+        """`img` (any mode, kept) through `input_geometry`, resampled with `interpolation` (default: this
+        config's). A label mask given interpolation='nearest' lands on exactly the model's input pixels."""
+        g = input_geometry(self, *img.size)
+        if g.resized_wh != img.size:
+            img = img.resize(g.resized_wh, INTERPOLATIONS[interpolation or self.interpolation])
+        if g.box != (0, 0, *g.resized_wh):
+            img = img.crop(g.box)
+        return img
 
     def normalize(self, x_uint8: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, H, W) on any device -> float32, scaled to [0, 1] and normalized by mean/std.
@@ -200,6 +204,25 @@ class PreprocessConfig:
         size = (int(image_size),) * 2 if isinstance(image_size, int) else tuple(int(s) for s in image_size)
         resize = int(math.floor(max(size) / crop_pct))
         return cls(image_size=size, resize=max(resize, max(size)), crop="center", interpolation=interpolation, mean=mean, std=std)
+
+
+def input_geometry(pp: PreprocessConfig, w: int, h: int) -> Geometry:
+    """Where a (w, h) image goes on its way to the model input of `pp`: resize size and crop box.
+
+    crop='center': the shorter side becomes `pp.resize` and the longer side `int(resize * long / short)`
+    (torchvision's Resize(int) rule: truncated, not rounded), then a centre `image_size` box starts at
+    `int(round((resized - crop) / 2))` (torchvision's CenterCrop). crop='none': the whole image is resized
+    to `image_size` and kept. The image path (`to_uint8`) and the label-mask path both go through here,
+    so a mask pixel lands on the model-input pixel its image pixel lands on.
+    """
+    h_out, w_out = pp.image_size
+    if pp.crop == "none":
+        return Geometry((w_out, h_out), (0, 0, w_out, h_out))
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = pp.resize, int(pp.resize * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    left, top = int(round((new_w - w_out) / 2.0)), int(round((new_h - h_out) / 2.0))
+    return Geometry((new_w, new_h), (left, top, left + w_out, top + h_out))
 
 
 def interpolation_name(value) -> str:
