@@ -7,8 +7,10 @@ import sys
 
 import click
 
+from .datasets.masks import MaskConfig
 from .errors import cli_errors
 from .loaders import DEFAULT_BUFFER_MB, DEFAULT_N_READERS
+from .patch_labels import RULES
 
 
 _user_errors = cli_errors("finished chunks are kept; rerun the same command to resume.")
@@ -27,6 +29,33 @@ def _floats3(value):
     if len(parts) != 3:
         raise click.BadParameter("give three comma-separated numbers, e.g. 0.485,0.456,0.406")
     return tuple(parts)
+
+
+_MASKS = MaskConfig()
+
+
+def _mask_options(fn):
+    """Where label masks come from and how patches are labelled (MaskConfig), for record and add-labels."""
+    for opt in reversed([
+        click.option("--masks", default=None, help="folder datasets: directory of PNG label maps (same relative path, .png); fashion-mnist: 'pixels'."),
+        click.option("--mask-column", default=None, help="hf-disk: the column holding each image's label map."),
+        click.option("--patch-labels", "rule", default=_MASKS.rule, show_default=True, type=click.Choice(RULES),
+                     help="How a patch's pixel labels become its label (saev's rules)."),
+        click.option("--mask-background", "background", default=_MASKS.background, show_default=True, type=int,
+                     help="The background class prefer-fg passes over."),
+        click.option("--mask-ignore", "ignore_value", default=None, type=int, help="Mask value meaning no label (e.g. 255)."),
+        click.option("--mask-threshold", "threshold", default=_MASKS.threshold, show_default=True, type=int,
+                     help="--masks pixels: a pixel above this value (0-255) is the item."),
+        click.option("--mask-classes", "class_names_fpath", default=None, type=click.Path(dir_okay=False),
+                     help="Text file naming the mask classes, one per line (default: the source's names, or 0..max)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _mask_config(kw: dict) -> MaskConfig:
+    """Pop the mask options out of a command's keyword arguments."""
+    return MaskConfig(**{f: kw.pop(f) for f in ("masks", "mask_column", "rule", "background", "ignore_value", "threshold", "class_names_fpath")})
 
 
 @main.command()
@@ -56,13 +85,18 @@ def _floats3(value):
 @click.option("--mean", default=None, help="Override normalization mean, e.g. 0.485,0.456,0.406.")
 @click.option("--std", default=None, help="Override normalization std.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_mask_options
 @_user_errors
 def record(image_column, label_column, mean, std, hooks, layers, **kw):
-    """Run a model over a dataset and store per-token activations (resumes an interrupted run)."""
+    """Run a model over a dataset and store per-token activations (resumes an interrupted run).
+
+    With --masks or --mask-column, each image's label mask becomes patch labels in the same pass."""
     from .record import RecordConfig, record as run_record
 
     opts = {k: v for k, v in {"image_column": image_column, "label_column": label_column}.items() if v is not None}
-    cfg = RecordConfig(hooks=tuple(hooks), layers=tuple(layers), dataset_options=opts, mean=_floats3(mean), std=_floats3(std), **kw)
+    masks = _mask_config(kw)
+    cfg = RecordConfig(hooks=tuple(hooks), layers=tuple(layers), dataset_options=opts, mean=_floats3(mean), std=_floats3(std),
+                       masks=masks, **kw)
     res = run_record(cfg)
     if res.get("already_complete"):
         click.echo(f"{cfg.out} is already complete; nothing to do (pass --overwrite to record it again).")
@@ -73,6 +107,31 @@ def record(image_column, label_column, mean, std, hooks, layers, **kw):
             f"recorded {res['images_written']} images ({mb:.1f} MiB, {res['images_written'] / secs:.1f} img/s, "
             f"{mb / secs:.1f} MiB/s) into {cfg.out}; complete: {res['complete']}"
         )
+
+
+@main.command("add-labels")
+@click.argument("store")
+@_mask_options
+@click.option("--data-root", default=None, help="Where the store's dataset lives now, if it moved.")
+@click.option("--num-workers", default=1, show_default=True, type=int, help="Mask-reading worker processes.")
+@click.option("--batch-size", default=64, show_default=True, type=int, help="Images per worker batch.")
+@click.option("--overwrite", is_flag=True, help="Replace patch labels made with other settings.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_user_errors
+def add_labels(store, **kw):
+    """Add per-patch labels from label masks to STORE, without recording again (resumes an interrupted run)."""
+    from .add_labels import AddLabelsConfig, add_labels as run_add_labels
+
+    masks = _mask_config(kw)
+    res = run_add_labels(AddLabelsConfig(store=store, masks=masks, **kw))
+    for key, attrs in res["sets"].items():
+        names = attrs["class_names"]
+        click.echo(f"patch labels {key}: {len(names)} classes ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}), "
+                   f"rule {attrs['rule']}, complete: {attrs['complete']}")
+    if res["already_complete"]:
+        click.echo(f"{store} already had these patch labels; nothing to do (pass --overwrite to make them again).")
+    else:
+        click.echo(f"labelled {res['images']} images in {res['chunks_written']} chunks ({res['seconds']:.1f} s) of {store}")
 
 
 @main.command()
