@@ -1,10 +1,13 @@
-"""`saev-tools`: thin command-line faces over tools.topk.run_topk, tools.render.render and tools.report.build_report."""
+"""`saev-tools`: thin command-line faces over tools.topk.run_topk, tools.render.render, tools.report.build_report
+and tools.heads.train_heads."""
 
 from __future__ import annotations
 
 import click
 
 from saev_store.errors import UserError, cli_errors
+
+from .heads.config import CLASSIFY_TOKENS, TASKS, HeadConfig
 
 
 class _Group(click.Group):
@@ -106,6 +109,61 @@ def report(topk_dpath, out_dpath, saes, latents, max_pages, n_cols, tile_px, alp
         style=GridStyle(n_cols, tile_px, alpha), data_root=data_root, quiet=quiet,
     )
     click.echo(f"report: {res.index_fpath}")
+
+
+def _floats(value: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise UserError(f"{what} {value!r}: give numbers separated by commas, e.g. 1e-4,1e-3.") from None
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--hook", required=True, help="Hook of the store whose activations the heads read.")
+@click.option("--task", default=HeadConfig.task, show_default=True, type=click.Choice(TASKS),
+              help="classify: image labels; segment: patch labels (saev-store add-labels).")
+@click.option("--tokens", default=None, type=click.Choice(CLASSIFY_TOKENS),
+              help="classify: the CLS token or the mean of the patch tokens [default: cls when the hook has one].")
+@click.option("--lr", "lrs", default=",".join(f"{v:g}" for v in HeadConfig.lrs), show_default=True, help="Learning rates of the grid.")
+@click.option("--wd", "weight_decays", default=",".join(f"{v:g}" for v in HeadConfig.weight_decays), show_default=True,
+              help="Weight decays of the grid (AdamW, weights only).")
+@click.option("--n-epochs", default=HeadConfig.n_epochs, show_default=True, type=int, help="Passes over the training images.")
+@click.option("--batch-size", default=None, type=int, help="Rows per step [default: 512 images (classify), 4096 patches (segment)].")
+@click.option("--held-out", "held_out_frac", default=HeadConfig.held_out_frac, show_default=True, type=float,
+              help="Fraction of images held out to pick and score the best head.")
+@click.option("--max-eval-images", default=None, type=int, help="Cap on held-out images evaluated.")
+@click.option("--seed", default=HeadConfig.seed, show_default=True, type=int, help="Split, data order and initialization.")
+@click.option("--normalize/--no-normalize", default=HeadConfig.normalize, show_default=True, help="Normalize with the store's statistics (inside the head).")
+@click.option("--pixel-eval/--no-pixel-eval", default=HeadConfig.pixel_eval, show_default=True, help="segment: also score every pixel against the masks.")
+@click.option("--data-root", default=None, help="Where the store's dataset lives now, if it moved (pixel scores).")
+@click.option("--masks-root", default=None, help="Where the store's mask folder lives now, if it moved (pixel scores).")
+@click.option("--device", default=HeadConfig.device, show_default=True, help="torch device, e.g. cuda.")
+@click.option("--buffer-mb", default=HeadConfig.buffer_mb, show_default=True, type=float, help="segment: the loader's shuffle buffer.")
+@click.option("--n-readers", default=HeadConfig.n_readers, show_default=True, type=int, help="Store chunks read ahead.")
+@click.option("--out", "out_dpath", default=None, help="Output folder [default: heads/<store>-<hook>-<task>].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def head(store, lrs, weight_decays, **kw):
+    """Train a grid of linear heads (lr x weight decay) together on one hook of STORE; keep the best."""
+    from .heads import train_heads
+
+    cfg = HeadConfig(store=store, lrs=_floats(lrs, "--lr"), weight_decays=_floats(weight_decays, "--wd"), **kw)
+    run = train_heads(cfg)
+    level = "image" if cfg.task == "classify" else "patch"
+    select = "accuracy" if cfg.task == "classify" else "miou"
+    for m in run.members:
+        v = m["metrics"][level][select]
+        mark = "  <- kept" if m["index"] == run.best else ""
+        click.echo(f"  lr {m['lr']:<8g} wd {m['weight_decay']:<8g} held-out {level} {select} {100 * (v or 0):6.2f}{mark}")
+    for lvl, m in run.metrics.items():
+        line = f"{cfg.hook} {cfg.task}, {lvl} level: top-1 {100 * (m['accuracy'] or 0):.2f}%, mean per-class accuracy {100 * (m['mean_class_accuracy'] or 0):.2f}%"
+        if cfg.task == "segment":
+            line += f", mIoU {100 * (m['miou'] or 0):.2f}"
+        click.echo(line)
+    if run.info.get("pixel_eval_note"):
+        click.echo(f"note: {run.info['pixel_eval_note']}")
+    click.echo(f"head: {run.out_dpath}")
 
 
 if __name__ == "__main__":
