@@ -62,7 +62,7 @@ def _sync(device):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default=None, help="Where the store is written (default: a temporary folder).")
-    ap.add_argument("--n-images", type=int, default=128)
+    ap.add_argument("--n-images", type=int, default=256)
     ap.add_argument("--grid", type=int, default=16)
     ap.add_argument("--d", type=int, default=768)
     ap.add_argument("--classes", type=int, default=150)

@@ -241,7 +241,7 @@ def test_mask_problems_are_one_clear_error(folder, tmp_path):
         add_labels(AddLabelsConfig(store=_copy(plain, tmp_path / "n.zarr"),
                                    masks=MaskConfig(masks=str(bad), ignore_value=255, class_names_fpath=str(names)),
                                    num_workers=0, quiet=True))
-    with pytest.raises(UserError, match="labels Fashion-MNIST's own pixels; this store's dataset is 'folder'"):
+    with pytest.raises(UserError, match="--masks pixels reads masks of a fashion-mnist dataset; this store's dataset is 'folder' \\(use --masks DIR for folder"):
         add_labels(AddLabelsConfig(store=_copy(plain, tmp_path / "p.zarr"), masks=MaskConfig(masks="pixels"), num_workers=0, quiet=True))
 
 

@@ -103,10 +103,18 @@ class MaskSource(abc.ABC):
 
     kind: str
     """folder, hf-column or fashion-mnist-pixels."""
+    dataset_kind: str
+    """The kind of image dataset this source reads masks beside."""
+    option: str
+    """The option that selects this source, for messages."""
     class_names: list[str] | None
     """Mask class k is class_names[k]; None when the source does not name them."""
 
     def __init__(self, src: ImageSource, ignore_value: int | None, class_names: list[str] | None):
+        if src.kind != self.dataset_kind:
+            others = ", ".join(f"{c.option} for {c.dataset_kind}" for c in MaskSource.__subclasses__() if c is not type(self))
+            raise UserError(f"{self.option} reads masks of a {self.dataset_kind} dataset; this store's dataset is {src.kind!r} "
+                            f"(use {others}).")
         self.src = src
         self.ignore_value = ignore_value
         self.class_names = class_names
@@ -173,12 +181,9 @@ def _check_size(m: np.ndarray, image_wh: tuple[int, int], what: str, image_what:
 class FolderMasks(MaskSource):
     """PNG label maps in a folder mirroring an image folder's relative paths."""
 
-    kind = "folder"
+    kind, dataset_kind, option = "folder", "folder", "--masks DIR"
 
     def __init__(self, src: ImageSource, masks_dpath: str, ignore_value: int | None = None, class_names: list[str] | None = None):
-        if src.kind != "folder":
-            raise UserError(f"--masks DIR reads masks beside a folder dataset; this store's dataset is {src.kind!r} "
-                            "(use --mask-column for hf-disk, --masks pixels for fashion-mnist).")
         super().__init__(src, ignore_value, class_names)
         self.root = os.path.abspath(masks_dpath)
         if not os.path.isdir(self.root):
@@ -210,12 +215,9 @@ class FolderMasks(MaskSource):
 class HfColumnMasks(MaskSource):
     """Label maps in a column of the hf-disk dataset the images come from."""
 
-    kind = "hf-column"
+    kind, dataset_kind, option = "hf-column", "hf-disk", "--mask-column COL"
 
     def __init__(self, src: ImageSource, column: str, ignore_value: int | None = None, class_names: list[str] | None = None):
-        if src.kind != "hf-disk":
-            raise UserError(f"--mask-column reads masks from an hf-disk dataset; this store's dataset is {src.kind!r} "
-                            "(use --masks DIR for folders, --masks pixels for fashion-mnist).")
         super().__init__(src, ignore_value, class_names)
         self.column = column
         self.image_column = src.options()["image_column"]
@@ -276,12 +278,9 @@ class HfColumnMasks(MaskSource):
 class FashionMnistPixels(MaskSource):
     """Fashion-MNIST's items as their own masks: pixel > threshold -> class + 1, else background 0."""
 
-    kind = "fashion-mnist-pixels"
+    kind, dataset_kind, option = "fashion-mnist-pixels", "fashion-mnist", "--masks pixels"
 
     def __init__(self, src: ImageSource, threshold: int = 10):
-        if src.kind != "fashion-mnist":
-            raise UserError(f"--masks pixels labels Fashion-MNIST's own pixels; this store's dataset is {src.kind!r} "
-                            "(use --masks DIR for folders, --mask-column for hf-disk).")
         super().__init__(src, None, ["background", *src.class_names])
         self.threshold = int(threshold)
         self._labels = src.labels()
