@@ -289,14 +289,15 @@ def test_a_v1_store_from_before_patch_labels_opens_and_reads_unchanged(v1_store,
     assert st.patch_label_sets() == {} and st.complete and verify(st) == []
     with pytest.raises(UserError, match="add-labels"):
         st.patch_label_key("_blocks.3")
-    # Today's recorder, same command, writes the same activations, labels and statistics.
+    # Today's recorder, same command, writes the same activations, labels and statistics: equal up to
+    # one float16 step where the float32 forward rounds differently (BLAS threads differ between runs).
     out = str(tmp_path / "now.zarr")
     record(RecordConfig(out=out, limit=16, image_size=16, layers=(3,), store_dtype="float16", images_per_chunk=4, num_workers=0, quiet=True))
     now = open_store(out)
-    np.testing.assert_array_equal(st.acts("_blocks.3")[:], now.acts("_blocks.3")[:])
+    np.testing.assert_allclose(st.read("_blocks.3", 0, 16), now.read("_blocks.3", 0, 16), rtol=1e-3, atol=1e-3)
     np.testing.assert_array_equal(st.labels(), now.labels())
     assert st.image_ids() == now.image_ids()
-    np.testing.assert_array_equal(st.normalizer("_blocks.3", "patches").mean, now.normalizer("_blocks.3", "patches").mean)
+    np.testing.assert_allclose(st.normalizer("_blocks.3", "patches").mean, now.normalizer("_blocks.3", "patches").mean, rtol=1e-4, atol=1e-4)
 
 
 def test_fashion_mnist_pixels_number_background_and_classes_apart(v1_store):
