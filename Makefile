@@ -39,19 +39,24 @@ $(CHROMIUM):
 	$(SUDO) apt-get install -y -q chromium chromium-driver
 
 # The demo: 6000 Fashion-MNIST images through EfficientNet-Lite0 at 112 px; `_blocks.10` (layer 10)
-# gives 7x7 patches of d=112. A small store needs a smaller batch and more steps than saev-train's
-# defaults, which are set for ImageNet-sized stores.
+# gives 7x7 patches of d=112, `_blocks.15` (the last block) 4x4 of d=320. `--masks pixels` labels each
+# patch from the item's own pixels in the same pass (0 background, class k as k+1). A small store
+# needs a smaller batch and more steps than saev-train's defaults, which are set for ImageNet-sized
+# stores. Then a linear classifier on the later hook and a segmentation head on the SAEs' hook.
 demo: setup data
-	$(BIN)/saev-store record --out $(DEMO)/fmnist.zarr --limit $(DEMO_IMAGES) --image-size 112 --layer 10
+	$(BIN)/saev-store record --out $(DEMO)/fmnist.zarr --limit $(DEMO_IMAGES) --image-size 112 --layer 10 --layer 15 --masks pixels
 	$(BIN)/saev-store info $(DEMO)/fmnist.zarr
 	rm -rf $(DEMO)/run
 	$(BIN)/saev-train $(DEMO)/fmnist.zarr --hook _blocks.10 --out $(DEMO)/run \
 		--batch-size 256 --lr 4e-3 --n-patches 262144 --warmup-steps 20 --l1-warmup-steps 100
 	$(BIN)/saev-tools topk $(DEMO)/run --overwrite
 	$(BIN)/saev-tools report $(DEMO)/run/topk --max-pages 24
+	$(BIN)/saev-tools head $(DEMO)/fmnist.zarr --hook _blocks.15 --task classify --out $(DEMO)/heads/classify --overwrite
+	$(BIN)/saev-tools head $(DEMO)/fmnist.zarr --hook _blocks.10 --task segment --out $(DEMO)/heads/segment --overwrite
 	@echo "store:  $(DEMO)/fmnist.zarr"
 	@echo "SAEs:   $(DEMO)/run (L0/FVU table: $(DEMO)/run/table.md)"
 	@echo "report: $(DEMO)/run/topk/report/index.html"
+	@echo "heads:  $(DEMO)/heads/classify, $(DEMO)/heads/segment (head.json, confusion.png, per_class.md)"
 
 test: setup data browser
 	$(PY) -m pytest -q -rs

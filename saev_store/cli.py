@@ -14,6 +14,7 @@ import sys
 
 import click
 
+from .add_labels import AddLabelsConfig
 from .bench import BenchConfig
 from .errors import cli_class
 from .options import build, given, options
@@ -45,6 +46,25 @@ def record(**params):
             f"recorded {res['images_written']} images ({mb:.1f} MiB, {res['images_written'] / secs:.1f} img/s, "
             f"{mb / secs:.1f} MiB/s) into {cfg.out}; complete: {res['complete']}"
         )
+
+
+@main.command("add-labels")
+@options(AddLabelsConfig)
+def add_labels(**params):
+    """Add per-patch labels from label masks to STORE, without recording again (resumes an interrupted run)."""
+    from .add_labels import add_labels as run_add_labels
+
+    cfg = build(AddLabelsConfig, params, explicit=given())
+    store = cfg.store
+    res = run_add_labels(cfg)
+    for key, attrs in res["sets"].items():
+        names = attrs["class_names"]
+        click.echo(f"patch labels {key}: {len(names)} classes ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}), "
+                   f"rule {attrs['rule']}, complete: {attrs['complete']}")
+    if res["already_complete"]:
+        click.echo(f"{store} already had these patch labels; nothing to do (pass --overwrite to make them again).")
+    else:
+        click.echo(f"labelled {res['images']} images in {res['chunks_written']} chunks ({res['seconds']:.1f} s) of {store}")
 
 
 @main.command()

@@ -24,6 +24,10 @@ IMAGE_IDS = "image_ids"
 VALID = "valid"
 DONE = "done"
 STATS = "stats"
+PATCH_LABELS = "patch_labels"
+"""Optional group: one subgroup of per-patch labels per patch grid (`patch_labels/7x7`)."""
+PATCH_LABELS_ARRAY = "labels"
+PATCH_LABELS_DONE = "done"
 
 STORE_DTYPES = ("float32", "float16", "bfloat16")
 """Logical activation dtypes. bfloat16 is kept as its raw 16-bit pattern in a uint16 array."""
@@ -91,6 +95,25 @@ ARRAYS: dict[str, str] = {
     "done": "(n_chunks,) bool; chunk i is complete in every array above; chunks (1,).",
     "stats/<hook>/block_sums": "(n_chunks, n_sel, d + 3) float64; per chunk and selection: row sum, sum of squared norms, sum of norms, row count.",
     "stats/<hook>/<sel>/mean": "(d,) float64; mean row, written when recording completes.",
+    "patch_labels/<grid>/labels": "(n_images, h*w) int16, optional; class of each patch token in grid order, -1 = ignore; chunks (images_per_chunk, h*w); bytes + crc32c.",
+    "patch_labels/<grid>/done": "(n_chunks,) bool, optional; chunk i of the labels is written; chunks (1,).",
+}
+
+OPTIONAL_ARRAYS = ("patch_labels/<grid>/labels", "patch_labels/<grid>/done")
+"""Arrays a store may lack: stores recorded without masks (and every store written before patch
+labels existed) have no `patch_labels` group and read exactly as before."""
+
+PATCH_LABEL_FIELDS: dict[str, str] = {
+    "grid": "[h, w]; the patch grid these labels are for; every hook with this grid uses them.",
+    "image_size": "[height, width]; the model input that the grid cuts into equal cells.",
+    "rule": "str; majority or prefer-fg: how the pixel labels of a patch become its label.",
+    "background": "int; the class prefer-fg passes over.",
+    "ignore_index": "int; the stored label of a patch that carries no class (-1).",
+    "class_names": "list of str or null; class k is class_names[k]; set by the time the labels are complete.",
+    "source": "object; where the masks came from: kind (folder, hf-column, fashion-mnist-pixels), root, column or threshold, ignore_value, fingerprint.",
+    "software_version": "str; the saev-store version that wrote the labels.",
+    "created": "str; ISO-8601 UTC time the labels were started.",
+    "complete": "bool; true once every chunk is done.",
 }
 
 STATS_FIELDS: dict[str, str] = {
@@ -107,6 +130,16 @@ norms, sum of row norms, row count]. One small write per chunk instead of one pe
 
 def acts_path(hook: str) -> str:
     return f"{ACTS}/{hook}"
+
+
+def patch_labels_path(key: str, array: str | None = None) -> str:
+    """`patch_labels/<key>` (the group) or `patch_labels/<key>/<array>`; key is "<h>x<w>"."""
+    return f"{PATCH_LABELS}/{key}" if array is None else f"{PATCH_LABELS}/{key}/{array}"
+
+
+def grid_key(grid) -> str:
+    """The name of a patch grid's label set: "14x14"."""
+    return f"{int(grid[0])}x{int(grid[1])}"
 
 
 def stats_path(hook: str, tokens: str | None = None) -> str:

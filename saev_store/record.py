@@ -25,6 +25,7 @@ import torch
 
 from . import format as fmt
 from .datasets import DATASET_KINDS
+from .datasets.masks import MaskConfig
 from .errors import UserError
 from .layout import TokenSelection
 from .options import check_applies, check_choices, option
@@ -97,6 +98,8 @@ class RecordConfig:
     resize; see Preprocessing). Default: every image at full size, as the model's library decodes it."""
     quiet: bool = False
     """No progress bar (it shows images/s and MB/s)."""
+    masks: MaskConfig = option(default_factory=MaskConfig, flatten=True)
+    """Label masks to turn into patch labels in the same pass (none by default)."""
 
     def __post_init__(self):
         for name in ("hooks", "layers"):
@@ -154,6 +157,21 @@ def metadata_diff(store_attrs: dict, meta: dict, hooks: dict[str, HookSpec], sto
     want_hooks = {h: {"n_tokens": s.n_tokens, "d": s.d, "layout": s.layout.to_dict(), "module": s.module} for h, s in hooks.items()}
     if _jsonable(store_attrs["hooks"]) != _jsonable(want_hooks):
         diffs.append(f"hooks: store has {sorted(store_attrs['hooks'])}, this run has {sorted(want_hooks)} (or their shapes differ)")
+    return diffs
+
+
+def label_sets_diff(have: dict[str, dict], want: dict[str, dict]) -> list[str]:
+    """What differs between a store's patch-label sets and this run's (empty when they agree)."""
+    from .add_labels import label_set_diff
+
+    diffs = []
+    for key in sorted(set(have) | set(want)):
+        if key not in want:
+            diffs.append(f"patch_labels {key}: the store records them, this run has no masks (pass the same --masks)")
+        elif key not in have:
+            diffs.append(f"patch_labels {key}: this run has masks, the store records no patch labels")
+        else:
+            diffs += [f"patch_labels {key}.{d}" for d in label_set_diff(have[key], want[key])]
     return diffs
 
 
@@ -250,8 +268,9 @@ def record(cfg: RecordConfig, on_progress: Callable[[int, int], None] | None = N
         "keep_registers": cfg.keep_registers,
         "seed": cfg.seed,
     }
+    labeler, label_sets = _labeler(cfg, src, pre, specs)
 
-    st = _create_or_resume(cfg, specs, meta, n_images, rank, barrier)
+    st = _create_or_resume(cfg, specs, meta, n_images, rank, barrier, label_sets)
     result = Result(store=cfg.out, hooks=hooks, n_images=n_images, rank=rank, world_size=world)
     if st.complete:
         result.update(images_written=0, bytes_written=0, seconds=0.0, complete=True, already_complete=True)
@@ -261,7 +280,7 @@ def record(cfg: RecordConfig, on_progress: Callable[[int, int], None] | None = N
     labels_all = src.labels()[:n_images]
     ids_all = src.image_ids()[:n_images]
     t0 = time.perf_counter()
-    n_written = _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all, on_progress)
+    n_written = _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all, on_progress, labeler)
     elapsed = time.perf_counter() - t0
     barrier()
     complete = False
@@ -269,6 +288,8 @@ def record(cfg: RecordConfig, on_progress: Callable[[int, int], None] | None = N
         st = open_store(cfg.out, mode="r+")
         if st.done().all():
             st.finalize()
+            for key in label_sets:
+                st.finalize_patch_labels(key)
             complete = True
     result.update(
         images_written=n_written["images"],
@@ -282,12 +303,34 @@ def record(cfg: RecordConfig, on_progress: Callable[[int, int], None] | None = N
     return result
 
 
-def _create_or_resume(cfg: RecordConfig, specs, meta, n_images: int, rank: int, barrier) -> Store:
+def _labeler(cfg: RecordConfig, src, pre, specs: dict[str, HookSpec]):
+    """(PatchLabeler or None, grid key -> label set attributes) for `cfg.masks`."""
+    if not cfg.masks.enabled:
+        return None, {}
+    from .add_labels import label_set_attrs
+    from .datasets.masks import create_mask_source
+    from .patch_labels import PatchLabeler
+
+    masks = create_mask_source(cfg.masks, src)
+    grids = {fmt.grid_key(s.layout.grid): s.layout.grid for s in specs.values() if s.layout.grid is not None}
+    if not grids:
+        raise UserError(f"--masks: no recorded hook keeps patch tokens (--tokens {cfg.tokens}), so there is nothing to label.")
+    sets = {k: label_set_attrs(masks, cfg.masks, pre, g) for k, g in grids.items()}
+    return PatchLabeler(masks, pre, grids, cfg.masks.rule, cfg.masks.background), sets
+
+
+def _create_or_resume(cfg: RecordConfig, specs, meta, n_images: int, rank: int, barrier, label_sets: dict) -> Store:
     exists = os.path.exists(os.path.join(cfg.out, "zarr.json")) if "://" not in cfg.out else False
     if rank == 0:
         if exists and not cfg.overwrite:
             st = open_store(cfg.out, mode="r+")
             diffs = metadata_diff(st.attrs, meta, specs, cfg.store_dtype, n_images)
+            label_diffs = label_sets_diff(st.patch_label_sets(), label_sets)
+            if st.complete and label_sets and label_diffs:
+                raise UserError(f"{cfg.out} is already recorded; add or replace its patch labels without recording again: "
+                                f"`saev-store add-labels {cfg.out}` with the same mask options (" + "; ".join(label_diffs) + ").")
+            if not st.complete:
+                diffs += label_diffs
             if diffs:
                 raise UserError(
                     f"{cfg.out} was recorded with different settings, so this run cannot resume it:\n  "
@@ -303,23 +346,29 @@ def _create_or_resume(cfg: RecordConfig, specs, meta, n_images: int, rank: int, 
                 chunk_bytes=cfg.chunk_mib << 20,
                 images_per_chunk=cfg.images_per_chunk,
                 metadata=meta,
+                patch_labels=label_sets,
                 overwrite=cfg.overwrite,
             )
     barrier()
     return open_store(cfg.out, mode="r+")
 
 
-def _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all, on_progress):
-    """The loop: load batches, run the model, assemble chunks, hand them to the writer."""
+def _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all, on_progress, labeler=None):
+    """The loop: load batches, run the model, assemble chunks, hand them to the writer. With a
+    PatchLabeler the workers also turn each image's mask into its patch labels."""
+    from .add_labels import LabeledRecordDataset, collate_labeled
     from .datasets.torch_dataset import RecordDataset, collate
 
     batches = _chunk_batches(st, chunks, cfg.batch_size)
     ds = RecordDataset.model_input(src, pre)
+    if labeler is not None:
+        ds = LabeledRecordDataset(ds, labeler)
+    grids = {} if labeler is None else labeler.grids
     loader = torch.utils.data.DataLoader(
         ds,
         batch_sampler=batches,
         num_workers=cfg.num_workers,
-        collate_fn=collate,
+        collate_fn=collate if labeler is None else collate_labeled,
         pin_memory=cfg.device.startswith("cuda"),
         persistent_workers=False,
         prefetch_factor=4 if cfg.num_workers > 0 else None,
@@ -335,6 +384,7 @@ def _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all,
             "filled": 0,
             "acts": {h: np.zeros((n, st.hook(h).n_tokens, st.hook(h).d), dtype=np.float32) for h in hooks},
             "valid": np.ones(n, dtype=bool),
+            "patch_labels": {k: np.full((n, h * w), -1, dtype=np.int16) for k, (h, w) in grids.items()},
         }
 
     chunk_of = lambda idx: idx // st.images_per_chunk  # noqa: E731
@@ -347,6 +397,8 @@ def _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all,
     try:
         with BlockWriter(st, on_written=on_written) as writer:
             for batch in loader:
+                if labeler is not None:
+                    batch, patch_labels, mask_errors = batch
                 idx, x, ok, errors = batch
                 if not bool(ok.all()):
                     bad = [(int(i), e) for i, o, e in zip(idx, ok, errors) if not o]
@@ -367,6 +419,8 @@ def _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all,
                 for h in hooks:
                     buf["acts"][h][lo:hi] = out_np[h]
                 buf["valid"][lo:hi] = ok.numpy().astype(bool)
+                if labeler is not None:
+                    _fill_patch_labels(buf["patch_labels"], lo, patch_labels, mask_errors, idx)
                 buf["filled"] += len(idx)
                 if buf["filled"] == len(buf["valid"]):
                     del pending[i]
@@ -376,7 +430,7 @@ def _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all,
                     acts = buf["acts"]
                     for h in hooks:
                         acts[h][~valid] = 0.0  # an unreadable image stores zeros, flagged invalid
-                    writer.submit(RecordedChunk(i, acts, labels_all[start:stop], ids_all[start:stop], valid))
+                    writer.submit(RecordedChunk(i, acts, labels_all[start:stop], ids_all[start:stop], valid, buf["patch_labels"] or None))
                 counts["images"] += len(idx)
                 if bar is not None:
                     bar.update(len(idx))
@@ -397,6 +451,16 @@ def _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all,
             bar.close()
     counts["bytes"] = written_bytes[0]
     return counts
+
+
+def _fill_patch_labels(bufs: dict[str, np.ndarray], lo: int, labels: list, errors: list[str], idx) -> None:
+    """Copy a batch's patch labels into its chunk's buffers; a mask that could not be read stops the run."""
+    for j, (lab, err) in enumerate(zip(labels, errors)):
+        if err:
+            raise UserError(f"{err} (image {int(idx[j])}; finished chunks are kept, rerun the same command to resume)")
+        if lab is not None:
+            for key, lab_p in lab.items():
+                bufs[key][lo + j] = lab_p
 
 
 def _progress(cfg: RecordConfig, total: int):

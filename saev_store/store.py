@@ -124,12 +124,15 @@ def create_store(
     images_per_chunk: int | None = None,
     chunk_bytes: int = fmt.DEFAULT_CHUNK_BYTES,
     metadata: Mapping[str, Any] | None = None,
+    patch_labels: Mapping[str, Mapping[str, Any]] | None = None,
     overwrite: bool = False,
 ) -> "Store":
     """Create an empty store with every array at its final shape; returns it open for writing.
 
     `metadata` fills the root fields model, dataset, preprocessing, class_names, tokens,
     keep_registers and seed (FORMAT.md); anything else is an error, so nothing is stored unread.
+    `patch_labels` maps a grid key ("7x7") to its label set's attributes (FORMAT.md, patch labels;
+    software_version, created and complete are filled in), to record patch labels in the same pass.
     A local store is built as `NAME.partial` and renamed into place, so a crash leaves no half store.
     """
     path = str(path)
@@ -193,6 +196,10 @@ def create_store(
     root.create_array(fmt.IMAGE_IDS, shape=(n_images,), chunks=(images_per_chunk,), dtype=str, config={"write_empty_chunks": True})
     _chunk_array(root, fmt.VALID, (n_images,), (images_per_chunk,), "bool", False)
     _chunk_array(root, fmt.DONE, (n_chunks,), (1,), "bool", False)
+    if patch_labels:
+        pl_root = root.require_group(fmt.PATCH_LABELS)
+        for key, pl_attrs in patch_labels.items():
+            _build_patch_label_group(pl_root.create_group(key), pl_attrs, n_images, images_per_chunk, n_chunks)
 
     attrs = {
         "format_version": fmt.FORMAT_VERSION,
@@ -217,6 +224,23 @@ def create_store(
     if build_path != path:
         os.replace(build_path, path)
     return open_store(path, mode="r+")
+
+
+def _build_patch_label_group(group: zarr.Group, attrs: Mapping[str, Any], n_images: int, images_per_chunk: int, n_chunks: int) -> None:
+    """The arrays and attributes of one patch-label set (FORMAT.md) in an empty group."""
+    attrs = {
+        **attrs,
+        "software_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "complete": False,
+    }
+    if set(attrs) != set(fmt.PATCH_LABEL_FIELDS):
+        raise ValueError(f"patch label attributes {sorted(attrs)} differ from FORMAT.md's {sorted(fmt.PATCH_LABEL_FIELDS)}.")
+    h, w = (int(v) for v in attrs["grid"])
+    _chunk_array(group, fmt.PATCH_LABELS_ARRAY, (n_images, h * w), (images_per_chunk, h * w), "int16", -1,
+                 compressors=[zarr.codecs.Crc32cCodec()])
+    _chunk_array(group, fmt.PATCH_LABELS_DONE, (n_chunks,), (1,), "bool", False)
+    group.attrs.update(attrs)
 
 
 def _remove_store_dir(p: pathlib.Path) -> None:
@@ -410,8 +434,10 @@ class Store:
         labels: np.ndarray | None = None,
         image_ids: list[str] | np.ndarray | None = None,
         valid: np.ndarray | None = None,
+        patch_labels: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        """Write chunk i in every array, then mark it done. `acts[hook]` is float (n, n_tokens, d)."""
+        """Write chunk i in every array, then mark it done. `acts[hook]` is float (n, n_tokens, d);
+        `patch_labels[key]` is (n, h*w) for each label set recorded in the same pass."""
         self._check_writable()
         start, stop = self.chunk_bounds(i)
         n = stop - start
@@ -442,6 +468,8 @@ class Store:
             raise ValueError(f"write_block: labels/image_ids must hold {n} entries for chunk {i}.")
         self.array(fmt.IMAGE_IDS)[start:stop] = np.array(ids, dtype=object)
         self.array(fmt.VALID)[start:stop] = valid
+        for key, lab_np in (patch_labels or {}).items():
+            self.write_patch_labels(key, i, lab_np)
         # Last: the chunk is done only once everything above is on disk.
         self.array(fmt.DONE)[i] = True
 
@@ -449,17 +477,21 @@ class Store:
         """Write one activation chunk. A local store with the default codecs gets the chunk file
         written directly (raw bytes + crc32c, to a temporary file renamed into place): the same
         bytes zarr writes, at about twice zarr's speed (benchmarks/record.py)."""
+        self._write_chunk(fmt.acts_path(hook), i, stored)
+
+    def _write_chunk(self, key: str, i: int, stored: np.ndarray) -> None:
+        """Chunk i of the per-image array `key`: the chunk file directly where the codecs allow."""
         start, stop = self.chunk_bounds(i)
-        fpath = self.chunk_fpath(hook, i)
-        if hook not in self._fast_write:
-            self._fast_write[hook] = self._default_codecs(hook)
-        if fpath is None or not self._fast_write[hook]:
-            self.acts(hook)[start:stop] = stored
+        fpath = self.array_chunk_fpath(key, i)
+        if key not in self._fast_write:
+            self._fast_write[key] = self._default_codecs(key)
+        if fpath is None or not self._fast_write[key]:
+            self.array(key)[start:stop] = stored
             return
         write_chunk_file(fpath, stored, pad_to=self.images_per_chunk)
 
-    def _default_codecs(self, hook: str) -> bool:
-        codecs = self.acts(hook).metadata.codecs
+    def _default_codecs(self, key: str) -> bool:
+        codecs = self.array(key).metadata.codecs
         return (
             len(codecs) == 2
             and isinstance(codecs[0], zarr.codecs.BytesCodec)
@@ -491,6 +523,90 @@ class Store:
                 arr[:] = m.mean
                 self._root[base].attrs.update({"n_rows": m.n_rows, "rms_norm": m.rms_norm, "mean_norm": m.mean_norm})
         self.set_attrs(complete=True)
+
+    # ---- patch labels (optional; FORMAT.md, "Patch labels") ------------------------------------
+    def patch_label_sets(self) -> dict[str, dict]:
+        """Grid key ("7x7") -> attributes of every patch-label set; empty for a store without any."""
+        try:
+            group = self._root[fmt.PATCH_LABELS]
+        except KeyError:
+            return {}
+        return {name: dict(sub.attrs) for name, sub in sorted(group.groups())}
+
+    def patch_label_key(self, hook: str) -> str:
+        """The label set a hook's patches use (by its grid); UserError naming the fix when there is none."""
+        grid = self.hook(hook).layout.grid
+        if grid is None:
+            raise UserError(f"hook {hook!r} of {self.path} stores no patch tokens, so it has no patch labels; pick a hook with a grid.")
+        key = fmt.grid_key(grid)
+        if key not in self.patch_label_sets():
+            have = ", ".join(self.patch_label_sets()) or "none"
+            raise UserError(f"{self.path} has no patch labels for the {key} grid of hook {hook!r} (it has: {have}); "
+                            f"add them with `saev-store add-labels {self.path} --masks ...`.")
+        return key
+
+    def patch_labels(self, key: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(n, h*w) int16 labels of images [start, stop) for grid `key`; -1 = ignore (or not written yet)."""
+        if key not in self.patch_label_sets():
+            raise UserError(f"{self.path} has no patch labels {key!r}; it has: {', '.join(self.patch_label_sets()) or 'none'}.")
+        return np.asarray(self.array(fmt.patch_labels_path(key, fmt.PATCH_LABELS_ARRAY))[start:stop], dtype=np.int16)
+
+    def patch_labels_done(self, key: str) -> np.ndarray:
+        return np.asarray(self.array(fmt.patch_labels_path(key, fmt.PATCH_LABELS_DONE))[:], dtype=bool)
+
+    def create_patch_labels(self, key: str, attrs: Mapping[str, Any], overwrite: bool = False) -> None:
+        """Add an empty label set `key` (attributes as for `create_store(patch_labels=...)`) to this store.
+
+        A local set is built beside the store as `NAME.zarr.<key>.partial` and renamed into
+        `patch_labels/<key>`, so a crash leaves either no set or a whole empty one."""
+        self._check_writable()
+        exists = key in self.patch_label_sets()
+        if exists and not overwrite:
+            raise UserError(f"{self.path} already has patch labels {key!r}; pass --overwrite to replace them.")
+        self._root.require_group(fmt.PATCH_LABELS)
+        self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(fmt.patch_labels_path(key) + "/")}
+        self._fast_write = {k: v for k, v in self._fast_write.items() if not k.startswith(fmt.patch_labels_path(key) + "/")}
+        if _is_url(self.path):
+            group = self._root.require_group(fmt.PATCH_LABELS).create_group(key, overwrite=True)
+            _build_patch_label_group(group, attrs, self.n_images, self.images_per_chunk, self.n_chunks)
+            return
+        dest = os.path.join(self.path, fmt.PATCH_LABELS, key)
+        tmp = f"{self.path.rstrip(os.sep)}.{key}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _build_patch_label_group(zarr.open_group(tmp, mode="w"), attrs, self.n_images, self.images_per_chunk, self.n_chunks)
+        if exists:
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+
+    def write_patch_labels(self, key: str, i: int, labels: np.ndarray) -> None:
+        """Write chunk i of label set `key` ((n, h*w) integers, -1 = ignore), then mark it done."""
+        self._check_writable()
+        start, stop = self.chunk_bounds(i)
+        arr_key = fmt.patch_labels_path(key, fmt.PATCH_LABELS_ARRAY)
+        want = (stop - start, self.array(arr_key).shape[1])
+        lab = np.asarray(labels)
+        if lab.shape != want:
+            raise ValueError(f"write_patch_labels: {key} chunk {i} needs shape {want}, got {lab.shape}.")
+        if lab.size and (lab.min() < -1 or lab.max() > np.iinfo(np.int16).max):
+            raise ValueError(f"write_patch_labels: {key} chunk {i} holds labels outside -1..32767.")
+        self._write_chunk(arr_key, i, lab.astype(np.int16))
+        self.array(fmt.patch_labels_path(key, fmt.PATCH_LABELS_DONE))[i] = True
+
+    def finalize_patch_labels(self, key: str) -> dict:
+        """Mark label set `key` complete (every chunk must be done); a set whose source names no classes
+        gets "0".."max label". Returns its attributes."""
+        self._check_writable()
+        missing = np.flatnonzero(~self.patch_labels_done(key))
+        if missing.size:
+            raise UserError(f"patch labels {key} of {self.path} have {missing.size} chunks not done (first: {missing[:5].tolist()}); "
+                            "rerun the same add-labels (or record) command to finish them.")
+        group = self._root[fmt.patch_labels_path(key)]
+        names = group.attrs.get("class_names")
+        if names is None:
+            top = int(self.patch_labels(key).max(initial=-1))
+            names = [str(k) for k in range(top + 1)]
+        group.attrs.update({"class_names": list(names), "complete": True})
+        return dict(group.attrs)
 
     def set_attrs(self, **fields) -> None:
         """Update root fields (FORMAT.md); unknown names are an error."""

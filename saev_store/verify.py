@@ -28,7 +28,8 @@ def verify(st: Store, progress=None) -> list[Problem]:
     """Read every chunk of every array; return the problems found (empty when the store is sound).
 
     Checks: each done chunk's file exists, its crc32c matches, its shape is right, its activations
-    are finite; every chunk is done; the statistics exist when the store says it is complete.
+    are finite; every chunk is done; the statistics exist when the store says it is complete. Patch
+    labels (when the store has them) likewise: every chunk done, readable, labels in -1..n_classes-1.
     """
     problems: list[Problem] = []
     done = st.done()
@@ -59,6 +60,7 @@ def verify(st: Store, progress=None) -> list[Problem]:
                     problems.append(Problem(key, i, "holds NaN or inf"))
         if progress is not None:
             progress(1)
+    problems += _verify_patch_labels(st)
     if st.complete:
         for hook in st.hooks:
             for sel in st.hook(hook).layout.selections():
@@ -69,6 +71,33 @@ def verify(st: Store, progress=None) -> list[Problem]:
                     problems.append(Problem(base, -1, "store is marked complete but its mean is missing"))
     elif done.all():
         problems.append(Problem("zarr.json", -1, "every chunk is done but statistics were never written; rerun the record command to finish"))
+    return problems
+
+
+def _verify_patch_labels(st: Store) -> list[Problem]:
+    problems = []
+    for key, attrs in st.patch_label_sets().items():
+        key_path = fmt.patch_labels_path(key, fmt.PATCH_LABELS_ARRAY)
+        done = st.patch_labels_done(key)
+        for i in np.flatnonzero(~done):
+            problems.append(Problem(fmt.patch_labels_path(key, fmt.PATCH_LABELS_DONE), int(i), "not done (rerun the add-labels command)"))
+        n_classes = len(attrs.get("class_names") or []) if attrs.get("complete") else None
+        for i in np.flatnonzero(done):
+            fpath = st.array_chunk_fpath(key_path, int(i))
+            if fpath is not None and not os.path.exists(fpath):
+                problems.append(Problem(key_path, int(i), "chunk file is missing"))
+                continue
+            start, stop = st.chunk_bounds(int(i))
+            try:
+                lab = st.patch_labels(key, start, stop)
+            except Exception as err:  # zarr's crc32c codec raises ValueError on a mismatch
+                problems.append(Problem(key_path, int(i), f"unreadable: {err}"))
+                continue
+            top = n_classes - 1 if n_classes is not None else np.iinfo(np.int16).max
+            if lab.size and (lab.min() < -1 or lab.max() > top):
+                problems.append(Problem(key_path, int(i), f"labels outside -1..{top}"))
+        if done.all() and not attrs.get("complete"):
+            problems.append(Problem(fmt.patch_labels_path(key), -1, "every chunk is done but the labels were never finalized; rerun add-labels"))
     return problems
 
 
@@ -103,6 +132,8 @@ def info(st: Store) -> dict:
         "dataset": {k: v for k, v in (attrs.get("dataset") or {}).items() if k != "class_names"} or None,
         "class_names": attrs.get("class_names"),
         "preprocessing": attrs.get("preprocessing"),
+        "patch_labels": {k: {f: a.get(f) for f in ("grid", "rule", "complete", "class_names", "source")}
+                         for k, a in st.patch_label_sets().items()},
         "seed": attrs.get("seed"),
         "created": attrs.get("created"),
         "software_version": attrs.get("software_version"),
@@ -131,6 +162,10 @@ def format_info(summary: dict) -> str:
     for key in ("model", "dataset", "preprocessing"):
         if summary.get(key):
             lines.append(f"{key:<10} {json.dumps(summary[key], sort_keys=True)}")
+    for key, pl in (summary.get("patch_labels") or {}).items():
+        names = pl.get("class_names") or []
+        lines.append(f"patches    labels {key}: {pl.get('rule')}, {len(names)} classes, from {(pl.get('source') or {}).get('kind')}, "
+                     f"complete {pl.get('complete')}")
     if summary.get("class_names"):
         lines.append(f"classes    {len(summary['class_names'])}: {', '.join(summary['class_names'][:10])}{' ...' if len(summary['class_names']) > 10 else ''}")
     return "\n".join(lines)

@@ -29,6 +29,8 @@ class RecordedChunk(NamedTuple):
     labels: np.ndarray
     image_ids: list[str]
     valid: np.ndarray
+    patch_labels: dict[str, np.ndarray] | None = None
+    """Grid key -> (n, h*w) patch labels, when they are recorded in the same pass."""
 
     @property
     def n_bytes(self) -> int:
@@ -70,7 +72,8 @@ class BlockWriter:
                 continue  # drain without writing after a failure
             t0 = time.perf_counter()
             try:
-                self.st.write_block(block.chunk, block.acts, labels=block.labels, image_ids=block.image_ids, valid=block.valid)
+                self.st.write_block(block.chunk, block.acts, labels=block.labels, image_ids=block.image_ids, valid=block.valid,
+                                   patch_labels=block.patch_labels)
             except BaseException as err:  # surfaced in the caller's thread
                 with self._lock:
                     if self._error is None:

@@ -1,4 +1,6 @@
 import os
+import pathlib
+import tarfile
 
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ from saev_store.layout import TokenLayout  # noqa: E402
 from saev_store.store import HookSpec, create_store  # noqa: E402
 
 
-def make_store(path, acts: dict, *, images_per_chunk=4, store_dtype="float32", labels=None, valid=None, layouts=None, finalize=True, metadata=None):
+def make_store(path, acts: dict, *, images_per_chunk=4, store_dtype="float32", labels=None, valid=None, layouts=None, finalize=True, metadata=None,
+               image_ids=None):
     """A store filled from numpy arrays `acts[hook]` (n, T, d); layouts default to CLS + square grid."""
     n = next(iter(acts.values())).shape[0]
     hooks = {}
@@ -28,7 +31,7 @@ def make_store(path, acts: dict, *, images_per_chunk=4, store_dtype="float32", l
             i,
             {h: x[a:b] for h, x in acts.items()},
             labels=None if labels is None else labels[a:b],
-            image_ids=[f"img{j}" for j in range(a, b)],
+            image_ids=[f"img{j}" for j in range(a, b)] if image_ids is None else image_ids[a:b],
             valid=None if valid is None else valid[a:b],
         )
     if finalize:
@@ -94,3 +97,17 @@ def open_rgb(fpath):
 
     with Image.open(fpath) as img:
         return img.convert("RGB")
+
+
+V1_FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "v1_store.tar.gz"
+
+
+@pytest.fixture
+def v1_store(tmp_path):
+    """A copy of the committed v1 store: 16 Fashion-MNIST training images through EfficientNet-Lite0
+    `_blocks.3` at 16 px (2x2 grid, d = 40), float16, 4 images per chunk, recorded by the main branch
+    before patch labels existed (`saev-store record --out v1.zarr --limit 16 --image-size 16 --layer 3
+    --store-dtype float16 --images-per-chunk 4`)."""
+    with tarfile.open(V1_FIXTURE) as tar:
+        tar.extractall(tmp_path)
+    return tmp_path / "v1.zarr"

@@ -11,17 +11,19 @@ import pytest
 import tools.cli
 import trainers.cli
 from saev_store import cli as store_cli
+from saev_store.add_labels import AddLabelsConfig
 from saev_store.bench import BenchConfig
 from saev_store.options import commands, markdown_table, specs, table_rows
 from saev_store.record import RecordConfig
 from tools.config import RenderConfig, ReportConfig, TopkConfig
+from tools.heads.config import HeadConfig
 from trainers.config import TrainConfig
 from trainers.sweep import axes
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 COMMANDS = {**commands(store_cli.main, "saev-store"), **commands(trainers.cli.main, "saev-train"),
             **commands(tools.cli.main, "saev-tools")}
-CONFIGS = (RecordConfig, BenchConfig, TrainConfig, TopkConfig, RenderConfig, ReportConfig)
+CONFIGS = (RecordConfig, AddLabelsConfig, BenchConfig, TrainConfig, TopkConfig, RenderConfig, ReportConfig, HeadConfig)
 CLI_ONLY = {("saev-store info", "as_json"), ("saev-store verify", "quiet"), ("saev-store hooks", "show_all"),
             ("saev-train", "sweep_fpath"), ("saev-train", "resume")}
 """Options that are not a config field: what to print, where the SAEs come from, whether to resume."""

@@ -1,6 +1,7 @@
-"""`saev-tools`: thin command-line faces over tools.topk.run_topk, tools.render.render and tools.report.build_report.
+"""`saev-tools`: thin command-line faces over tools.topk.run_topk, tools.render.render, tools.report.build_report
+and tools.heads.train_heads.
 
-Each command's options are the fields of its config (tools/config.py), made into flags by
+Each command's options are the fields of its config (tools/config.py, tools/heads/config.py), made into flags by
 saev_store/options.py.
 
     saev-tools topk demo/run && saev-tools report demo/run/topk
@@ -14,6 +15,7 @@ from saev_store.errors import cli_class
 from saev_store.options import build, given, options
 
 from .config import RenderConfig, ReportConfig, TopkConfig
+from .heads.config import HeadConfig
 
 ON_INTERRUPT = "nothing is kept from an interrupted command; rerun it."
 
@@ -66,6 +68,30 @@ def report(topk_dpath, **params):
 
     res = build_report(topk_dpath, **_fields(build(ReportConfig, params, explicit=given())))
     click.echo(f"report: {res.index_fpath}")
+
+
+@main.command()
+@options(HeadConfig)
+def head(**params):
+    """Train a grid of linear heads (lr x weight decay) together on one hook of STORE; keep the best."""
+    from .heads import train_heads
+
+    cfg = build(HeadConfig, params, explicit=given())
+    run = train_heads(cfg)
+    level = "image" if cfg.task == "classify" else "patch"
+    select = "accuracy" if cfg.task == "classify" else "miou"
+    for m in run.members:
+        v = m["metrics"][level][select]
+        mark = "  <- kept" if m["index"] == run.best else ""
+        click.echo(f"  lr {m['lr']:<8g} wd {m['weight_decay']:<8g} held-out {level} {select} {100 * (v or 0):6.2f}{mark}")
+    for lvl, m in run.metrics.items():
+        line = f"{cfg.hook} {cfg.task}, {lvl} level: top-1 {100 * (m['accuracy'] or 0):.2f}%, mean per-class accuracy {100 * (m['mean_class_accuracy'] or 0):.2f}%"
+        if cfg.task == "segment":
+            line += f", mIoU {100 * (m['miou'] or 0):.2f}"
+        click.echo(line)
+    if run.info.get("pixel_eval_note"):
+        click.echo(f"note: {run.info['pixel_eval_note']}")
+    click.echo(f"head: {run.out_dpath}")
 
 
 if __name__ == "__main__":

@@ -259,6 +259,8 @@ def input_geometry(pp: PreprocessConfig, w: int, h: int) -> Geometry:
     (truncated: torchvision's Resize(int) and HF's get_resize_output_image_size agree), then a centre
     `image_size` box starts at `pp.crop_offset`'s rule. crop='none': the whole image is resized to
     `image_size` and kept.
+    The image path (`to_uint8`) and the label-mask path both go through here, so a mask pixel lands on
+    the model-input pixel its image pixel lands on.
     """
     h_out, w_out = pp.image_size
     if pp.crop == "none":
