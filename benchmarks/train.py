@@ -29,7 +29,7 @@ import torch
 from trainers.config import TrainConfig
 from trainers.sae import SAEBank
 from trainers.sweep import expand
-from trainers.train import compute_dtype, l1_coefs, make_optimizer, peak_lrs, set_precision, train_step
+from trainers.train import compute_dtype, make_optimizer, peak_lrs, set_precision, sparsity_coefs, train_step
 
 
 def _sync(device):
@@ -52,11 +52,11 @@ def make_trainer(saes, cfg: TrainConfig, device):
     """(a fresh bank on `device`, `step(x)`: one training step of it on the batch x)."""
     bank = SAEBank(saes, cfg.fuse_encoders).to(device)
     opt = make_optimizer(bank, cfg)
-    peak, l1s = peak_lrs(bank, cfg, device), l1_coefs(bank, device)
+    peak, coefs = peak_lrs(bank, cfg, device), sparsity_coefs(bank, device)
     state = {"step": 0}
 
     def step(x):
-        train_step(bank, opt, x, state["step"], 10**9, cfg, peak, l1s)
+        train_step(bank, opt, x, state["step"], 10**9, cfg, peak, coefs)
         state["step"] += 1
 
     return bank, step

@@ -11,7 +11,7 @@ import torch
 from trainers import fused
 from trainers.config import SAEConfig, TrainConfig
 from trainers.sae import SAEBank
-from trainers.train import init_b_dec, l1_coefs, peak_lrs, train_step
+from trainers.train import init_b_dec, peak_lrs, sparsity_coefs, train_step
 from trainers.optim import BankAdam
 
 torch.set_num_threads(2)
@@ -93,9 +93,9 @@ def test_compiled_training_steps_equal_eager():
     for st in (fused.EAGER, fused.stages(True, backend="aot_eager")):
         bank = SAEBank(saes)
         opt = BankAdam(bank, stages=st)
-        peak, l1s = peak_lrs(bank, cfg, "cpu"), l1_coefs(bank, "cpu")
+        peak, coefs = peak_lrs(bank, cfg, "cpu"), sparsity_coefs(bank, "cpu")
         init_b_dec(bank, batches[0], "mean")
-        losses = [train_step(bank, opt, x, i, 8, cfg, peak, l1s).loss for i, x in enumerate(batches)]
+        losses = [train_step(bank, opt, x, i, 8, cfg, peak, coefs).loss for i, x in enumerate(batches)]
         banks.append((bank, torch.stack(losses)))
     (eager, l_e), (comp, l_c) = banks
     torch.testing.assert_close(l_c, l_e, rtol=1e-5, atol=1e-6)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import click
 
 from saev_store.errors import UserError, cli_errors
+
+from .config import ARCHS, K_ARCHS, OBJECTIVES, SAEConfig
+
+_SAE_DEFAULT = {f.name: f.default for f in dataclasses.fields(SAEConfig)}
 
 
 _user_errors = cli_errors("the last checkpoint is kept; rerun the same command with --resume.")
@@ -37,10 +42,21 @@ def _init_distributed(device: str) -> str:
 @click.option("--tokens", default="patches", show_default=True, type=click.Choice(["patches", "cls", "all"]))
 @click.option("--width", default="4x,8x,16x", show_default=True,
               help="Comma list of widths: 'Nx' (or a bare N <= 256) is N * d_in latents, larger numbers are absolute.")
-@click.option("--arch", default=None, type=click.Choice(["relu", "topk", "batchtopk"]),
+@click.option("--arch", default=None, type=click.Choice(ARCHS),
               help="Architecture [default: relu, or topk when --k is given].")
-@click.option("--l1", default="1,2,4", show_default=True, help="Comma list of L1 coefficients (relu).")
+@click.option("--objective", default="vanilla", show_default=True, type=click.Choice(OBJECTIVES),
+              help="matryoshka: also reconstruct from nested prefixes of the dictionary (relu/topk/batchtopk).")
+@click.option("--l1", default="1,2,4", show_default=True, help="Comma list of L1 coefficients (relu; gated, on the gate).")
 @click.option("--k", default=None, help="Comma list of active latents per token (topk/batchtopk).")
+@click.option("--l0-coef", default=str(_SAE_DEFAULT["l0_coef"]), show_default=True,
+              help="Comma list of L0 coefficients (jumprelu).")
+@click.option("--bandwidth", default=_SAE_DEFAULT["bandwidth"], show_default=True, type=float,
+              help="JumpReLU straight-through estimators' kernel width.")
+@click.option("--init-threshold", default=_SAE_DEFAULT["init_threshold"], show_default=True, type=float,
+              help="JumpReLU thresholds at step 0.")
+@click.option("--prefixes", default=None, help="Matryoshka: fixed comma list of prefix lengths [default: saev's random draws].")
+@click.option("--n-prefixes", default=_SAE_DEFAULT["n_prefixes"], show_default=True, type=int,
+              help="Matryoshka: prefixes drawn per step when --prefixes is not given (the whole width included).")
 @click.option("--lr", default="1e-3", show_default=True, help="Comma list of peak learning rates.")
 @click.option("--sweep", "sweep_fpath", default=None, type=click.Path(dir_okay=False),
               help="TOML file listing the SAEs instead of --width/--l1/--k/--lr (see trainers/sweep.py).")
@@ -76,14 +92,16 @@ def _init_distributed(device: str) -> str:
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out (same settings).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_user_errors
-def main(store, hook, tokens, width, arch, l1, k, lr, sweep_fpath, parallel, batch_size, n_patches, n_epochs, warmup_steps,
+def main(store, hook, tokens, width, arch, objective, l1, k, l0_coef, bandwidth, init_threshold, prefixes, n_prefixes,
+         lr, sweep_fpath, parallel, batch_size, n_patches, n_epochs, warmup_steps,
          schedule, lr_min_frac, l1_warmup_steps, scale_lr_with_width, b_dec_init, aux_coef, dead_after, normalize,
          fuse_encoders, held_out, max_eval_images, seed, ckpt_every, log_every, device, precision, compile_, buffer_mb,
          n_readers, out_dpath, resume, quiet):
     """Train sparse autoencoders on one hook of STORE, several per pass over the data.
 
-    The SAEs are the product of --width, --l1 (relu) or --k (topk/batchtopk) and --lr, or the entries of
-    --sweep. The defaults train nine: three widths times three L1 coefficients.
+    The SAEs are the product of --width, the architecture's sparsity list (--l1 for relu and gated, --k for
+    topk and batchtopk, --l0-coef for jumprelu) and --lr, or the entries of --sweep. The defaults train nine:
+    three widths times three L1 coefficients.
     """
     import pathlib
 
@@ -101,16 +119,19 @@ def main(store, hook, tokens, width, arch, l1, k, lr, sweep_fpath, parallel, bat
     if sweep_fpath is not None:
         saes = from_toml(sweep_fpath, d_in, seed)
     else:
-        spec = {"width": width.split(","), "lr": _list(lr, float, "--lr")}
+        arch = arch or ("topk" if k is not None else "relu")
+        if k is not None and arch not in K_ARCHS:
+            raise UserError(f"--k is for topk/batchtopk SAEs; a {arch} SAE takes "
+                            f"{'--l0-coef' if arch == 'jumprelu' else '--l1'}.")
+        spec = {"width": width.split(","), "lr": _list(lr, float, "--lr"), "arch": arch, "objective": objective,
+                "l1": _list(l1, float, "--l1"), "l0_coef": _list(l0_coef, float, "--l0-coef"), "aux_coef": aux_coef,
+                "dead_after": dead_after, "bandwidth": bandwidth, "init_threshold": init_threshold}
         if k is not None:
             spec["k"] = _list(k, int, "--k")
-            spec["arch"] = arch or "topk"
-            if spec["arch"] == "relu":
-                raise UserError("--k is for topk/batchtopk SAEs; a relu SAE takes --l1.")
-        else:
-            spec["arch"] = arch or "relu"
-            spec["l1"] = _list(l1, float, "--l1")
-        spec["aux_coef"], spec["dead_after"] = aux_coef, dead_after
+        if prefixes is not None:
+            spec["prefixes"] = _list(prefixes, int, "--prefixes")
+        if objective == "matryoshka":
+            spec["n_prefixes"] = n_prefixes
         saes = expand(spec, d_in, seed)
     if out_dpath is None:
         out_dpath = str(pathlib.Path("runs") / f"{pathlib.Path(store.rstrip('/')).stem}-{hook}")

@@ -13,8 +13,16 @@ from typing import Literal
 
 from saev_store.errors import UserError
 
-Arch = Literal["relu", "topk", "batchtopk"]
-ARCHS: tuple[str, ...] = ("relu", "topk", "batchtopk")
+Arch = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
+ARCHS: tuple[str, ...] = ("relu", "topk", "batchtopk", "jumprelu", "gated")
+K_ARCHS: tuple[str, ...] = ("topk", "batchtopk")
+"""Architectures whose sparsity is a number of active latents `k` (and that have the dead-latent auxiliary loss)."""
+L1_ARCHS: tuple[str, ...] = ("relu", "gated")
+"""Architectures penalized by the L1 coefficient `l1` (ReLU on its latents, Gated on its gate's ReLU)."""
+OBJECTIVES: tuple[str, ...] = ("vanilla", "matryoshka")
+"""saev's names: one reconstruction loss, or the sum over nested prefixes of the dictionary."""
+MATRYOSHKA_ARCHS: tuple[str, ...] = ("relu", "topk", "batchtopk")
+"""Architectures the Matryoshka objective trains on top of (as Bussmann et al. 2025 and saev do)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,12 +36,33 @@ class SAEConfig:
     d_sae: int
     """Number of latents."""
     arch: Arch = "relu"
-    """`relu` (ReLU + L1 penalty), `topk` (keep the k largest per token) or `batchtopk` (keep the k*B largest per batch)."""
+    """`relu` (ReLU + L1 penalty), `topk` (keep the k largest per token), `batchtopk` (keep the k*B largest per
+    batch), `jumprelu` (ReLU above a learned per-latent threshold, L0 penalty through straight-through
+    estimators; Rajamanoharan et al. 2024, as SAELens trains it) or `gated` (a gate path and a magnitude path
+    sharing encoder directions, L1 on the gate and an auxiliary gate reconstruction; Rajamanoharan et al. 2024a)."""
     l1: float = 5.0
-    """L1 coefficient on the latents (ReLU only), applied after the sparsity warmup. The loss sums the squared
-    error over d, and inputs are normalized to mean ||x||^2 = d, so the seeds' value of about 5 transfers."""
+    """L1 coefficient (ReLU: on the latents; Gated: on the gate's ReLU), applied after the sparsity warmup. The
+    loss sums the squared error over d, and inputs are normalized to mean ||x||^2 = d, so the seeds' value of
+    about 5 transfers."""
     k: int = 0
-    """Active latents per token (TopK, BatchTopK); 0 for ReLU."""
+    """Active latents per token (TopK, BatchTopK); 0 for the others."""
+    l0_coef: float = 1.0
+    """JumpReLU: coefficient of the L0 penalty (active latents per token), after the sparsity warmup
+    (SAELens' `l0_coefficient`, default 1)."""
+    bandwidth: float = 0.05
+    """JumpReLU: width of the rectangle kernel of the straight-through estimators (SAELens' `jumprelu_bandwidth`)."""
+    init_threshold: float = 0.01
+    """JumpReLU: every latent's threshold at step 0 (SAELens' `jumprelu_init_threshold`); kept >= 0."""
+    objective: Literal["vanilla", "matryoshka"] = "vanilla"
+    """`vanilla`: one reconstruction loss; `matryoshka` (relu, topk, batchtopk): the sum of the reconstruction
+    losses of nested prefixes of the dictionary (latents 0..L-1 for each prefix length L, the whole width last;
+    Bussmann et al. 2025, saev's `objective:matryoshka`). Exported as the base architecture."""
+    prefixes: tuple[int, ...] = ()
+    """Matryoshka: fixed prefix lengths, increasing, each < d_sae (the whole width is always the last prefix).
+    Empty (the default, as saev): `n_prefixes` lengths drawn anew every step."""
+    n_prefixes: int = 10
+    """Matryoshka without fixed `prefixes`: prefixes per step, the whole width included; the others are drawn
+    without replacement from 1..d_sae-1 with saev's Pareto weights (power 0.5: short prefixes are likelier)."""
     lr: float = 4e-4
     """Peak Adam learning rate (before optional width scaling)."""
     aux_coef: float = 1 / 32
@@ -51,14 +80,33 @@ class SAEConfig:
             raise UserError(f"SAE {self.name!r}: architecture {self.arch!r} is unknown; choose one of {', '.join(ARCHS)}.")
         if self.d_in < 1 or self.d_sae < 1:
             raise UserError(f"SAE {self.name!r}: d_in={self.d_in} and d_sae={self.d_sae} must be positive.")
-        if self.arch == "relu":
-            if self.l1 < 0:
-                raise UserError(f"SAE {self.name!r}: l1={self.l1} must be >= 0.")
-            if self.k:
-                raise UserError(f"SAE {self.name!r}: k={self.k} is for topk/batchtopk; a relu SAE uses --l1.")
-        else:
+        if self.arch in K_ARCHS:
             if not 1 <= self.k <= self.d_sae:
                 raise UserError(f"SAE {self.name!r}: {self.arch} needs 1 <= k <= d_sae={self.d_sae}, got k={self.k}; pass --k.")
+        elif self.k:
+            raise UserError(f"SAE {self.name!r}: k={self.k} is for topk/batchtopk; a {self.arch} SAE uses "
+                            f"{'--l0-coef' if self.arch == 'jumprelu' else '--l1'}.")
+        if self.l1 < 0 or self.l0_coef < 0:
+            raise UserError(f"SAE {self.name!r}: l1={self.l1} and l0_coef={self.l0_coef} must be >= 0.")
+        if not self.bandwidth > 0 or self.init_threshold < 0:
+            raise UserError(f"SAE {self.name!r}: bandwidth={self.bandwidth} must be > 0 and init_threshold="
+                            f"{self.init_threshold} >= 0.")
+        object.__setattr__(self, "prefixes", tuple(int(p) for p in self.prefixes))
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"SAE {self.name!r}: objective {self.objective!r} is unknown; choose one of {', '.join(OBJECTIVES)}.")
+        if self.objective == "matryoshka":
+            if self.arch not in MATRYOSHKA_ARCHS:
+                raise UserError(f"SAE {self.name!r}: the matryoshka objective trains {', '.join(MATRYOSHKA_ARCHS)} SAEs, "
+                                f"not {self.arch}.")
+            p = self.prefixes
+            if any(b <= a for a, b in zip(p, p[1:])) or (p and not 1 <= p[0] <= p[-1] < self.d_sae):
+                raise UserError(f"SAE {self.name!r}: matryoshka prefixes {list(p)} must increase strictly within "
+                                f"1..{self.d_sae - 1} (the whole width {self.d_sae} is always the last prefix).")
+            if not p and not 1 <= self.n_prefixes <= self.d_sae:
+                raise UserError(f"SAE {self.name!r}: n_prefixes={self.n_prefixes} must be in 1..d_sae={self.d_sae}.")
+        elif self.prefixes:
+            raise UserError(f"SAE {self.name!r}: prefixes {list(self.prefixes)} are for the matryoshka objective; "
+                            f"pass --objective matryoshka or drop them.")
         if not self.lr > 0:
             raise UserError(f"SAE {self.name!r}: learning rate {self.lr} must be positive.")
         if self.aux_k < 0 or self.dead_after < 1 or self.aux_coef < 0:
@@ -68,8 +116,23 @@ class SAEConfig:
 
     @property
     def sparsity(self) -> str:
-        """Short label of the sparsity setting: `l1=5` or `k=32`."""
-        return f"l1={self.l1:g}" if self.arch == "relu" else f"k={self.k}"
+        """Short label of the sparsity setting: `l1=5`, `k=32` or `l0_coef=1`."""
+        if self.arch in K_ARCHS:
+            return f"k={self.k}"
+        return f"l0_coef={self.l0_coef:g}" if self.arch == "jumprelu" else f"l1={self.l1:g}"
+
+    @property
+    def label(self) -> str:
+        """Architecture with its objective, as names and tables show it: `topk`, `matryoshka-batchtopk`."""
+        return self.arch if self.objective == "vanilla" else f"{self.objective}-{self.arch}"
+
+    @property
+    def sparsity_coef(self) -> float:
+        """The coefficient of this SAE's sparsity penalty (before the warmup): l1 (ReLU, Gated), l0_coef
+        (JumpReLU), 0 (TopK, BatchTopK: k is the constraint)."""
+        if self.arch in K_ARCHS:
+            return 0.0
+        return self.l0_coef if self.arch == "jumprelu" else self.l1
 
     @property
     def n_aux(self) -> int:
@@ -109,7 +172,7 @@ class TrainConfig:
     lr_min_frac: float = 0.0
     """Final learning rate of the cosine schedule, as a fraction of the peak."""
     l1_warmup_steps: int = 100
-    """Linear warmup of the L1 coefficient from 0 (ReLU SAEs)."""
+    """Linear warmup of the sparsity coefficients from 0 (L1 of ReLU and Gated SAEs, L0 of JumpReLU SAEs)."""
     scale_lr_with_width: bool = False
     """Scale each SAE's learning rate by 1 / sqrt(d_sae / 2^14)."""
     b_dec_init: Literal["mean", "median", "zeros"] = "mean"
@@ -202,7 +265,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["saes"] = [dataclasses.asdict(s) for s in self.saes]
+        d["saes"] = [{**dataclasses.asdict(s), "prefixes": list(s.prefixes)} for s in self.saes]  # as JSON holds it
         d["adam_betas"] = list(self.adam_betas)
         return d
 

@@ -10,8 +10,8 @@ already include the normalization, so `encode` takes activations exactly as the 
     z = sae.encode(x_nd)          # (n, d_sae) float32, SAELens semantics
     x_hat = sae.decode(z)         # (n, d_in) raw activations again
 
-Latents are those of the SAE in its training space divided by the normalization scale `s` (see
-DESIGN.md); `sae.latent_scale` is that `s`, for anyone who wants the training-space values.
+Latents are those of the SAE in its training space divided by the normalization scale `s`;
+`sae.latent_scale` is that `s`, for anyone who wants the training-space values.
 """
 
 from __future__ import annotations
@@ -33,16 +33,19 @@ WEIGHTS_FNAME = "sae_weights.safetensors"
 SPARSITY_FNAME = "sparsity.safetensors"
 EXTRA_FNAME = "saev_extra.json"
 RUN_FNAME = "run.json"
-SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu"}
+GATED_TENSORS = ("b_gate", "b_mag", "r_mag")
+"""A gated SAE's tensors besides W_enc, W_dec, b_dec (SAELens 6 `GatedSAE`: no b_enc)."""
+SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}
 """Our architecture -> the `architecture` SAELens 6 loads (BatchTopK is exported as its JumpReLU form)."""
-SAELENS_ARCHS = tuple(SAELENS_ARCH.values())
+SAELENS_ARCHS = tuple(dict.fromkeys(SAELENS_ARCH.values()))
 
 
 class SAE(nn.Module):
     """An exported SAE, applied to raw activations the way SAELens 6 applies it.
 
     `encode`: standard: relu((x - b_dec) @ W_enc + b_enc); topk: the k largest of that, relu'd;
-    jumprelu: relu(...) kept where it exceeds `threshold`. `decode`: z @ W_dec + b_dec.
+    jumprelu: relu(...) kept where it exceeds `threshold`; gated: with h = (x - b_dec) @ W_enc,
+    relu(h * exp(r_mag) + b_mag) where h + b_gate > 0. `decode`: z @ W_dec + b_dec.
     """
 
     def __init__(self, cfg: dict, weights: dict[str, torch.Tensor], extra: dict | None = None):
@@ -58,12 +61,13 @@ class SAE(nn.Module):
         self.k = int(cfg["k"]) if arch == "topk" else None
         self.W_enc = nn.Parameter(weights["W_enc"].float(), requires_grad=False)
         self.W_dec = nn.Parameter(weights["W_dec"].float(), requires_grad=False)
-        self.b_enc = nn.Parameter(weights["b_enc"].float(), requires_grad=False)
         self.b_dec = nn.Parameter(weights["b_dec"].float(), requires_grad=False)
-        if arch == "jumprelu":
-            self.threshold = nn.Parameter(weights["threshold"].float(), requires_grad=False)
-        else:
-            self.threshold = None
+        names = GATED_TENSORS if arch == "gated" else ("b_enc",) + (("threshold",) if arch == "jumprelu" else ())
+        missing = [k for k in names if k not in weights]
+        if missing:
+            raise UserError(f"a {arch} SAE needs the tensors {', '.join(missing)} in its weights file; re-export it.")
+        for k in ("b_enc", "threshold") + GATED_TENSORS:
+            setattr(self, k, nn.Parameter(weights[k].float(), requires_grad=False) if k in names else None)
         if tuple(self.W_enc.shape) != (self.d_in, self.d_sae) or tuple(self.W_dec.shape) != (self.d_sae, self.d_in):
             raise UserError(
                 f"SAE weights have W_enc {tuple(self.W_enc.shape)} and W_dec {tuple(self.W_dec.shape)} but cfg.json "
@@ -104,8 +108,9 @@ class SAE(nn.Module):
         return self.extra.get("metrics", {})
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - b_dec) @ W_enc + b_enc (for Gated, + b_gate: the gate's pre-activation)."""
         x = x.to(self.W_enc.device, torch.float32)
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return (x - self.b_dec) @ self.W_enc + (self.b_gate if self.architecture == "gated" else self.b_enc)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Raw activations (..., d_in) -> latents (..., d_sae) float32."""
@@ -113,6 +118,9 @@ class SAE(nn.Module):
             x = torch.as_tensor(np.asarray(x))
         if x.shape[-1] != self.d_in:
             raise UserError(f"SAE expects inputs of width {self.d_in}, got {tuple(x.shape)}; check the hook.")
+        if self.architecture == "gated":
+            h = (x.to(self.W_enc.device, torch.float32) - self.b_dec) @ self.W_enc
+            return torch.relu(torch.addcmul(self.b_mag, h, self.r_mag.exp())) * (h + self.b_gate > 0)
         h = torch.relu(self.pre_acts(x))
         if self.architecture == "topk":
             vals, idx = h.topk(self.k, dim=-1)
@@ -130,7 +138,7 @@ class SAE(nn.Module):
 
 
 def load_sae(sae_dpath: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
-    """Load one exported SAE folder (ours or any SAELens 6 standard/topk/jumprelu folder)."""
+    """Load one exported SAE folder (ours or any SAELens 6 standard/topk/jumprelu/gated folder)."""
     dpath = pathlib.Path(sae_dpath)
     cfg_fpath, w_fpath = dpath / CFG_FNAME, dpath / WEIGHTS_FNAME
     if not cfg_fpath.is_file() or not w_fpath.is_file():

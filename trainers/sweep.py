@@ -11,18 +11,39 @@ inside a `[[sae]]` entry, is expanded as a product (like the flags are):
     [[sae]]
     arch = "topk"
     k = [16, 32]
+    [[sae]]
+    arch = "batchtopk"
+    objective = "matryoshka"        # nested prefixes; `prefixes = [128, 512]` fixes them, else saev's draws
+    k = 32
+    [[sae]]
+    arch = "jumprelu"
+    l0_coef = [0.5, 1.0]            # JumpReLU's sparsity; bandwidth, init_threshold as options
+    [[sae]]
+    arch = "gated"
+    l1 = [1.0, 2.0]                 # Gated's sparsity (on the gate)
+
+The sparsity key that is expanded depends on the architecture: `l1` (relu, gated), `k` (topk,
+batchtopk), `l0_coef` (jumprelu); `arch` and `objective` are expanded too (every combination).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import tomllib
 
 from saev_store.errors import UserError
 
-from .config import SAEConfig
+from .config import ARCHS, K_ARCHS, SAEConfig
 
-SWEEP_KEYS = ("arch", "width", "l1", "k", "lr", "aux_coef", "aux_k", "dead_after", "name")
+SWEEP_KEYS = ("arch", "objective", "width", "l1", "k", "l0_coef", "lr", "aux_coef", "aux_k", "dead_after",
+              "bandwidth", "init_threshold", "prefixes", "n_prefixes", "name")
+PASSED_KEYS = ("aux_coef", "aux_k", "dead_after", "bandwidth", "init_threshold", "prefixes", "n_prefixes")
+"""Sweep keys handed to every SAE of a spec as they are (not expanded: `prefixes` is one list)."""
+MATRYOSHKA_KEYS = ("prefixes", "n_prefixes")
+SPARSITY_KEY = {"relu": "l1", "gated": "l1", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coef"}
+"""Which sweep key (and flag) lists an architecture's sparsity settings."""
+SPARSITY_DEFAULT = {f.name: f.default for f in dataclasses.fields(SAEConfig) if f.name in SPARSITY_KEY.values()}
 MAX_BARE_EXPANSION = 256
 """A bare width up to this is an expansion factor; above it, an absolute number of latents."""
 
@@ -42,9 +63,12 @@ def parse_width(w, d_in: int) -> int:
     return int(round(v * d_in)) if v <= MAX_BARE_EXPANSION else int(round(v))
 
 
-def sae_name(arch: str, d_sae: int, l1: float, k: int, lr: float) -> str:
-    sparsity = f"l1_{l1:g}" if arch == "relu" else f"k{k}"
-    return f"{arch}-{d_sae}-{sparsity}-lr_{lr:g}"
+def sae_name(cfg: SAEConfig) -> str:
+    """`<arch>-<d_sae>-<sparsity>-lr_<lr>`, the arch with its objective: `matryoshka-topk-1280-k32-lr_0.001`,
+    `jumprelu-1280-l0_1-lr_0.001`, `gated-1280-l1_2-lr_0.001`."""
+    key = SPARSITY_KEY[cfg.arch]
+    sparsity = f"k{cfg.k}" if key == "k" else f"{key[:2]}_{getattr(cfg, key):g}"
+    return f"{cfg.label}-{cfg.d_sae}-{sparsity}-lr_{cfg.lr:g}"
 
 
 def _as_list(v) -> list:
@@ -57,18 +81,27 @@ def expand(spec: dict, d_in: int, seed: int = 0, start_index: int = 0) -> list[S
     if unknown:
         raise UserError(f"unknown sweep keys {sorted(unknown)}; use {', '.join(SWEEP_KEYS)}.")
     arch_l = _as_list(spec.get("arch", "topk" if spec.get("k") else "relu"))
+    passed = {key: spec[key] for key in PASSED_KEYS if key in spec}
+    objectives = _as_list(spec.get("objective", "vanilla"))
+    if "matryoshka" not in objectives and ("prefixes" in spec or "n_prefixes" in spec):
+        raise UserError("prefixes / n_prefixes are for the matryoshka objective; add objective = \"matryoshka\" "
+                        "(--objective matryoshka) or drop them.")
     out = []
-    for arch in arch_l:
-        sparsity = _as_list(spec.get("l1", 5.0)) if arch == "relu" else _as_list(spec.get("k", 0))
-        if arch != "relu" and sparsity == [0]:
+    for arch, objective in itertools.product(arch_l, objectives):
+        if arch not in ARCHS:
+            raise UserError(f"architecture {arch!r} is unknown; choose one of {', '.join(ARCHS)}.")
+        key = SPARSITY_KEY[arch]
+        sparsity = _as_list(spec.get(key, SPARSITY_DEFAULT[key]))
+        if arch in K_ARCHS and sparsity == [0]:
             raise UserError(f"{arch} SAEs need --k (active latents per token), e.g. --k 16,32,64.")
         for width, s, lr in itertools.product(_as_list(spec.get("width", "8x")), sparsity, _as_list(spec.get("lr", 4e-4))):
-            d_sae = parse_width(width, d_in)
-            l1, k = (float(s), 0) if arch == "relu" else (0.0, int(s))
-            name = spec.get("name") or sae_name(arch, d_sae, l1, k, float(lr))
-            extra = {key: spec[key] for key in ("aux_coef", "aux_k", "dead_after") if key in spec}
-            out.append(SAEConfig(name=name, d_in=d_in, d_sae=d_sae, arch=arch, l1=l1, k=k, lr=float(lr),
-                                 seed=seed + start_index + len(out), **extra))
+            setting = {key: int(s) if key == "k" else float(s)}
+            if key != "l1":
+                setting["l1"] = 0.0  # the L1 coefficient means nothing to this architecture
+            cfg = SAEConfig(name=spec.get("name") or "_", d_in=d_in, d_sae=parse_width(width, d_in), arch=arch,
+                            objective=objective, lr=float(lr), seed=seed + start_index + len(out), **setting,
+                            **{k: v for k, v in passed.items() if objective == "matryoshka" or k not in MATRYOSHKA_KEYS})
+            out.append(cfg if spec.get("name") else dataclasses.replace(cfg, name=sae_name(cfg)))
     return out
 
 
