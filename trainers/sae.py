@@ -529,12 +529,12 @@ class SAEGroup(nn.Module):
             self.threshold.copy_(torch.where(finite, new, self.threshold))
             self.n_threshold_updates.add_(1)
 
-    def member_weights(self, i: int) -> dict[str, torch.Tensor]:
-        """Member i's weights in SAELens layout (normalized space), detached float32 CPU copies: W_enc, W_dec,
+    def member_weights(self, i: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Member i's weights in SAELens layout (normalized space), detached CPU copies in `dtype`: W_enc, W_dec,
         b_dec, then b_enc (+ threshold for BatchTopK, one value per latent, and JumpReLU), or for Gated
         b_gate, b_mag, r_mag."""
         def cpu(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().float().cpu().contiguous()
+            return t.detach().to("cpu", dtype).contiguous()
 
         out = {"W_enc": cpu(self.W_enc[:, i, :]), "W_dec": cpu(self.W_dec[i]), "b_dec": cpu(self.b_dec[i])}
         arch = self.archs[i]
