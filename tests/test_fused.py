@@ -81,11 +81,13 @@ def test_inductor_stages_equal_eager():
 
 @pytest.mark.slow
 def test_compiled_training_steps_equal_eager():
-    """Eight steps of a mixed bank (ReLU, TopK, BatchTopK; two widths) with compiled stages (whole
-    tensors, "aot_eager") against the eager stages (cache-sized pieces) from the same start."""
+    """Eight steps of a mixed bank (ReLU, TopK, BatchTopK, JumpReLU, Gated, Matryoshka; two widths) with
+    compiled stages (whole tensors, "aot_eager") against the eager stages (cache-sized pieces) from the same start."""
     d_in, B = 8, 32
     saes = [SAEConfig("r", d_in, 24, "relu", l1=0.5, seed=1), SAEConfig("r2", d_in, 24, "relu", l1=2.0, seed=2),
-            SAEConfig("t", d_in, 40, "topk", k=3, seed=3, dead_after=32), SAEConfig("b", d_in, 40, "batchtopk", k=2, seed=4)]
+            SAEConfig("t", d_in, 40, "topk", k=3, seed=3, dead_after=32), SAEConfig("b", d_in, 40, "batchtopk", k=2, seed=4),
+            SAEConfig("j", d_in, 24, "jumprelu", l0_coef=0.5, seed=5), SAEConfig("g", d_in, 40, "gated", l1=0.5, seed=6),
+            SAEConfig("m", d_in, 40, "batchtopk", k=2, seed=7, objective="matryoshka")]
     cfg = TrainConfig(saes=tuple(saes), batch_size=B, warmup_steps=2, l1_warmup_steps=2, quiet=True)
     gen = torch.Generator().manual_seed(2)
     batches = [torch.randn(B, d_in, generator=gen) * 2 for _ in range(8)]

@@ -298,3 +298,37 @@ def test_widths_and_sweep_file(tmp_path):
     got = sorted((s.arch, s.d_sae, s.l1, s.k, s.lr) for s in saes)
     assert got == sorted([("relu", 64, 1.0, 0, 2e-3), ("relu", 64, 2.0, 0, 2e-3), ("topk", 2048, 0.0, 4, 2e-3),
                           ("topk", 2048, 0.0, 8, 2e-3), ("topk", 1000, 0.0, 4, 2e-3), ("topk", 1000, 0.0, 8, 2e-3)])
+
+
+def test_new_architecture_options_names_and_errors(tmp_path):
+    """Sweep expansion picks each architecture's sparsity key and names say the architecture; bad
+    combinations are one UserError naming the option; the options survive run.json's round trip."""
+    from saev_store.errors import UserError
+
+    saes = expand({"arch": ["jumprelu", "gated", "topk"], "l0_coef": [0.5, 1], "l1": [2.0], "k": [8], "width": ["4x"],
+                   "bandwidth": 0.1, "lr": 1e-3}, 16)
+    assert [s.name for s in saes] == ["jumprelu-64-l0_0.5-lr_0.001", "jumprelu-64-l0_1-lr_0.001", "gated-64-l1_2-lr_0.001",
+                                      "topk-64-k8-lr_0.001"]
+    assert [s.sparsity_coef for s in saes] == [0.5, 1.0, 2.0, 0.0] and all(s.bandwidth == 0.1 for s in saes)
+    saes = expand({"arch": "batchtopk", "objective": ["vanilla", "matryoshka"], "k": 4, "prefixes": [4, 16], "width": ["2x"]}, 16)
+    assert [(s.name, s.prefixes) for s in saes] == [("batchtopk-32-k4-lr_0.0004", ()),
+                                                    ("matryoshka-batchtopk-32-k4-lr_0.0004", (4, 16))]
+    bad = [
+        (dict(arch="jumprelu", k=3), "--l0-coef"),
+        (dict(arch="gated", objective="matryoshka"), "matryoshka objective trains"),
+        (dict(arch="relu", prefixes=(4,)), "--objective matryoshka"),
+        (dict(arch="topk", k=2, objective="matryoshka", prefixes=(8, 4)), "increase strictly"),
+        (dict(arch="topk", k=2, objective="matryoshka", prefixes=(4, 32)), "increase strictly"),
+        (dict(arch="topk", k=2, objective="matryoshka", n_prefixes=32), "n_prefixes"),
+        (dict(arch="jumprelu", bandwidth=0.0), "bandwidth"),
+        (dict(arch="jumprelu", l0_coef=-1.0), "l0_coef"),
+        (dict(arch="relu", objective="nested"), "objective 'nested' is unknown"),
+    ]
+    for kw, msg in bad:
+        with pytest.raises(UserError, match=msg):
+            SAEConfig("x", 8, 32, **kw)
+    with pytest.raises(UserError, match="prefixes / n_prefixes are for the matryoshka"):
+        expand({"arch": "topk", "k": 4, "prefixes": [4]}, 16)
+    cfg = TrainConfig(saes=tuple(saes), quiet=True)
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg and again.to_dict() == cfg.to_dict()

@@ -121,8 +121,9 @@ def oracle_stats(z_ntl, images, labels, *, k, tau, n_classes):
     return out
 
 
-def assert_matches_oracle(stats, o, counts=None, valid_images=None):
-    """Compare a LatentStats (and optionally the sparse image counts) with oracle_stats' output."""
+def assert_matches_oracle(stats, o, counts=None, valid_images=None, entropy_rtol=1e-9):
+    """Compare a LatentStats (and optionally the sparse image counts) with oracle_stats' output. The entropies
+    match to 1e-9 on exact (dyadic) latents; latents of trained float32 weights need a looser `entropy_rtol`."""
     for f in ("n_patches_active", "n_images_active", "count_dataset", "count_class"):
         np.testing.assert_array_equal(getattr(stats, f), o[f], err_msg=f)
     for f in ("sum_active", "max_act", "freq_patch", "freq_image", "mean_active"):
@@ -133,7 +134,8 @@ def assert_matches_oracle(stats, o, counts=None, valid_images=None):
         np.testing.assert_array_equal(e.labels, oo["labels"], err_msg=f"top {r} labels")
         np.testing.assert_allclose(e.values, oo["values"], rtol=1e-6, atol=1e-6, err_msg=f"top {r} values")
         np.testing.assert_allclose(e.patches, oo["patches"], rtol=1e-6, atol=1e-6, err_msg=f"top {r} patches")
-        np.testing.assert_allclose(e.entropy, oo["entropy"], rtol=1e-9, atol=1e-12, equal_nan=True, err_msg=f"top {r} entropy")
+        np.testing.assert_allclose(e.entropy, oo["entropy"], rtol=entropy_rtol, atol=1e-12, equal_nan=True,
+                                   err_msg=f"top {r} entropy")
     if counts is not None:
         pos = {int(img): j for j, img in enumerate(valid_images)}
         dense = np.zeros_like(o["count_image"])

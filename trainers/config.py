@@ -62,7 +62,7 @@ class SAEConfig:
     Empty (the default, as saev): `n_prefixes` lengths drawn anew every step."""
     n_prefixes: int = 10
     """Matryoshka without fixed `prefixes`: prefixes per step, the whole width included; the others are drawn
-    without replacement from 1..d_sae-1 with saev's Pareto weights (power 0.5: short prefixes are likelier)."""
+    without replacement from 2..d_sae-1 with saev's Pareto weights (power 0.5: short prefixes are likelier)."""
     lr: float = 4e-4
     """Peak Adam learning rate (before optional width scaling)."""
     aux_coef: float = 1 / 32
@@ -102,8 +102,9 @@ class SAEConfig:
             if any(b <= a for a, b in zip(p, p[1:])) or (p and not 1 <= p[0] <= p[-1] < self.d_sae):
                 raise UserError(f"SAE {self.name!r}: matryoshka prefixes {list(p)} must increase strictly within "
                                 f"1..{self.d_sae - 1} (the whole width {self.d_sae} is always the last prefix).")
-            if not p and not 1 <= self.n_prefixes <= self.d_sae:
-                raise UserError(f"SAE {self.name!r}: n_prefixes={self.n_prefixes} must be in 1..d_sae={self.d_sae}.")
+            if not p and not (self.n_prefixes == 1 or 2 <= self.n_prefixes <= self.d_sae - 1):
+                # saev's weights give length 1 probability 0: d_sae - 2 lengths to draw n_prefixes - 1 from.
+                raise UserError(f"SAE {self.name!r}: n_prefixes={self.n_prefixes} must be in 1..d_sae - 1 = {self.d_sae - 1}.")
         elif self.prefixes:
             raise UserError(f"SAE {self.name!r}: prefixes {list(self.prefixes)} are for the matryoshka objective; "
                             f"pass --objective matryoshka or drop them.")
