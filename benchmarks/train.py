@@ -12,6 +12,11 @@
     runs (--warm keeps them cached).  [skipped with --no-store]
 (c) patches/s of the fastest nine-SAE step (eager or torch.compile'd element-wise stages, see
     trainers/fused.py), and the projected time for 100M patches.
+(d) a mixed bank, one SAE of each architecture (ReLU, TopK, BatchTopK, JumpReLU, Gated, and the
+    Matryoshka objective on ReLU, TopK and BatchTopK; widths cycled over --width): its step against
+    the plain matrix products of its shapes, as (a). The extra work of the new architectures (Gated's
+    gate reconstruction, two more GEMMs; Matryoshka's inner prefixes; their element-wise terms) is
+    in the step and not in the baseline.  [skipped with --no-mixed]
 --profile prints that step's kernels by device time.
 """
 
@@ -105,6 +110,17 @@ def check_compiled(saes, cfg: TrainConfig, device, n_steps: int = 3) -> float:
     return max(float((banks[0][k] - banks[1][k]).norm() / banks[0][k].norm()) for k in banks[0])
 
 
+def mixed_saes(widths: list[str], d: int, k: int) -> list:
+    """One SAE of each architecture (the Matryoshka objective on its three bases), widths cycled."""
+    specs = [{"arch": "relu", "l1": 1.0}, {"arch": "topk", "k": k}, {"arch": "batchtopk", "k": k}, {"arch": "jumprelu"},
+             {"arch": "gated", "l1": 1.0}]
+    specs += [{"arch": a, "objective": "matryoshka", "l1": 1.0, "k": k} for a in ("relu", "topk", "batchtopk")]
+    out = []
+    for i, spec in enumerate(specs):
+        out += expand({**spec, "width": [widths[i % len(widths)]], "lr": [1e-3]}, d, start_index=len(out))
+    return out
+
+
 def gemm_seconds(saes, cfg: TrainConfig, device, n_iter: int) -> float:
     """The same matrix products as a training step, alone: operands already in the step's compute
     dtype (bf16 with --precision bf16) and the latents laid out as the step lays them out, so no
@@ -183,6 +199,8 @@ def main(argv=None):
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="also time the step with torch.compile'd element-wise stages (auto: on CUDA; CUDA only)")
     p.add_argument("--profile", action="store_true", help="print the kernels of the fastest step by device time")
+    p.add_argument("--no-mixed", action="store_true", help="skip (d), the mixed-architecture bank")
+    p.add_argument("--k", type=int, default=32, help="k of the mixed bank's TopK/BatchTopK members")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -223,6 +241,15 @@ def main(argv=None):
     print(f"(c) {pps:,.0f} patches/s for {len(saes)} SAEs; 100M patches would take {1e8 / pps / 60:.1f} min")
     if args.profile:
         print(profile_steps(saes, best_cfg, device))
+    if not args.no_mixed:
+        mixed = mixed_saes(widths, args.d, args.k)
+        mcfg = dataclasses.replace(best_cfg, saes=tuple(mixed))
+        m_flops = 10 * args.batch_size * args.d * sum(c.d_sae for c in mixed)
+        t_mg = gemm_seconds(mixed, mcfg, device, n_iter)
+        t_m = step_seconds(mixed, mcfg, device, n_iter)
+        print(f"(d) mixed bank ({', '.join(f'{c.label} {c.d_sae}' for c in mixed)}), the (c) step's settings: plain GEMMs "
+              f"{t_mg * 1e3:.1f} ms, step {t_m * 1e3:.1f} ms  {m_flops / t_m / 1e9:.1f} GFLOP/s  ratio to plain GEMMs "
+              f"{t_mg / t_m:.2f}", flush=True)
     if not args.no_store:
         with tempfile.TemporaryDirectory() as tmp:
             one, nine = store_passes(args, saes, pathlib.Path(tmp))

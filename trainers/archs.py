@@ -68,28 +68,33 @@ def nested_grads_(z_bs: torch.Tensor, w_dec_sd: torch.Tensor, b_dec_d: torch.Ten
     """The inner prefixes' losses (summed, returned) and their gradients, ADDED to d loss / d z (dz, before the
     activation's mask), d W_dec (gw) and d b_dec (gb).
 
-    With g_p = 2 (x_hat_p - x) / B, the latents of the block between prefix lengths L_{q-1} and L_q enter every
-    prefix p >= q, so their rows get E_q = sum_{p >= q} g_p: one suffix sum over the inner prefixes, then per
-    block z_q^T E_q and E_q W_q^T. Cost: matrix products over the first `inner[-1]` latents only (saev's
-    Pareto draws make that a few percent of the width on most steps). `z`, `w_dec` in the compute dtype,
-    x, b_dec and the losses in the weights' dtype."""
+    With e_p = x_hat_p - x, the latents of the block between prefix lengths L_{q-1} and L_q enter every
+    prefix p >= q, so their rows get (2 / B) E_q with E_q = sum_{p >= q} e_p: one suffix sum over the inner
+    prefixes, then per block z_q^T E_q and E_q W_q^T, accumulated in place by the matrix products
+    themselves. Cost: matrix products over the first `inner[-1]` latents only (saev's Pareto draws make
+    that a few percent of the width on most steps) and three passes over a (B, d) tensor per prefix. `z`,
+    `w_dec` in the compute dtype, x, b_dec and the losses in the weights' dtype."""
     B, wd, cd = x_bd.shape[0], x_bd.dtype, z_bs.dtype
     bounds = (0,) + tuple(inner)
-    cum = b_dec_d.to(wd).expand_as(x_bd)
-    g_p, total = [], x_bd.new_zeros(())
+    err = (b_dec_d.to(wd) - x_bd)
+    errs, total = [], x_bd.new_zeros(())
     for lo, hi in zip(bounds, bounds[1:]):
-        cum = cum + (z_bs[:, lo:hi] @ w_dec_sd[lo:hi]).to(wd)
-        err = cum - x_bd
-        total = total + err.pow(2).sum(-1).mean()
-        g_p.append(err.mul_(2.0 / B))
-    suffix = None
+        part = z_bs[:, lo:hi] @ w_dec_sd[lo:hi]
+        err = err + part if cd == wd else err + part.to(wd)  # a new tensor: every prefix's error is kept
+        total = total + torch.linalg.vecdot(err, err).mean()
+        errs.append(err)
+    suffix = errs[-1]
     for q in reversed(range(len(inner))):
         lo, hi = bounds[q], bounds[q + 1]
-        suffix = g_p[q] if suffix is None else suffix.add_(g_p[q])
-        s_cd = suffix.to(cd)
-        gw_sd[lo:hi].add_((z_bs[:, lo:hi].T @ s_cd).to(gw_sd.dtype))
-        dz_bs[:, lo:hi].add_(s_cd @ w_dec_sd[lo:hi].T)
-    gb_d.add_(suffix.sum(0))
+        if q < len(inner) - 1:
+            suffix = errs[q].add_(suffix)
+        s_cd = suffix if cd == wd else suffix.to(cd)
+        if gw_sd.dtype == cd:
+            gw_sd[lo:hi].addmm_(z_bs[:, lo:hi].T, s_cd, alpha=2.0 / B)
+        else:
+            gw_sd[lo:hi].add_(z_bs[:, lo:hi].T @ s_cd, alpha=2.0 / B)
+        dz_bs[:, lo:hi].addmm_(s_cd, w_dec_sd[lo:hi].T, alpha=2.0 / B)
+    gb_d.add_(suffix.sum(0), alpha=2.0 / B)
     return total
 
 
@@ -134,11 +139,13 @@ class Step(torch.autograd.Function):
 def threshold_grad(pre_bs: torch.Tensor, dz_bs: torch.Tensor, theta_s: torch.Tensor, eps: float,
                    c: torch.Tensor) -> torch.Tensor:
     """d loss / d theta (d_sae,) in theta's dtype: -(1 / eps) sum_rows K * (theta * dz + c), where dz is
-    d loss / d z (before the mask) and c = l0_coef / B the L0 term's gradient per row."""
+    d loss / d z (before the mask) and c = l0_coef / B the L0 term's gradient per row; computed as
+    -(1 / eps) (theta * sum_rows K dz + c * sum_rows K), K = 1{|pre - theta| < eps / 2}: six passes over the
+    latents (SAELens' |(pre - theta) / eps| < 1/2 is the same set but for rounding at the edges)."""
     wd = theta_s.dtype
-    pre = pre_bs.to(wd)
-    k = _rectangle(pre, theta_s, torch.tensor(eps, dtype=wd, device=pre.device))
-    return torch.where(k, dz_bs.to(wd) * theta_s + c, 0.0).sum(0).mul_(-1.0 / eps)
+    k = (pre_bs - theta_s.to(pre_bs.dtype)).abs_() < eps / 2
+    k_dz = torch.where(k, dz_bs, 0.0).sum(0, dtype=wd)
+    return (k_dz * theta_s).add_(k.sum(0, dtype=wd) * c).mul_(-1.0 / eps)
 
 
 # --- Gated ------------------------------------------------------------------------------------------------
@@ -174,7 +181,7 @@ def gated_grads_(pre_bs: torch.Tensor, dpre_bs: torch.Tensor, x_bd: torch.Tensor
     u = dpre_bs.to(wd)  # dpre itself when it is in the weights' dtype: overwritten last, after its sums
     er = r_mag_s.exp()
     d_bmag = u.sum(0)
-    d_rmag = (u * (pre - b_gate_s)).sum(0).mul_(er)
+    d_rmag = (torch.linalg.vecdot(u, pre, dim=0) - b_gate_s * d_bmag).mul_(er)  # sum_rows u (pre - b_gate)
     gate = pre.clamp_min(0)
     sparsity = gate.sum(-1).mean()
     err = (gate.to(w_dec_cd.dtype) @ w_dec_cd).to(wd).add_(b_dec_d).sub_(x_bd)  # frozen decoder: no W_dec grad
