@@ -39,22 +39,27 @@ def test_cli_trains_nine_and_writes_table(tmp_path, rng):
     assert "| name |" in res.output and (out / "table.csv").read_text().count("\n") == 10
     saes = load_run(out)
     assert len(saes) == 9
-    # The evaluation used the held-out images only: recompute one SAE's FVU from the raw store rows.
+    _assert_held_out_metrics(out, saes, acts)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert {json.loads(line)["sae"] for line in lines} == set(run["saes"])
+
+
+def _assert_held_out_metrics(out, saes, acts, held_out=0.25):
+    """The evaluation used the held-out images only: every SAE's FVU recomputed from the raw store rows
+    through its export, L0 in range, a histogram written."""
     from trainers.run import held_out_mask
 
-    held = held_out_mask(np.ones(48, bool), 0.25, 0)
-    x = torch.tensor(acts[held][:, 1:, :].reshape(-1, 16))
+    held = held_out_mask(np.ones(acts.shape[0], bool), held_out, 0)
+    x = torch.tensor(acts[held][:, 1:, :].reshape(-1, acts.shape[-1]))
     for name, sae in saes.items():
         m = json.loads((out / name / "metrics.json").read_text())
         with torch.no_grad():
             x_hat = sae.decode(sae.encode(x)).double()
         xd = x.double()
         fvu = float(((xd - x_hat) ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum())
-        assert m["fvu"] == pytest.approx(fvu, rel=1e-4)
+        assert m["fvu"] == pytest.approx(fvu, rel=1e-4), name
         assert m["n_rows"] == x.shape[0] and 0 < m["l0"] <= sae.d_sae
         assert (out / name / "freq.png").stat().st_size > 0
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert {json.loads(line)["sae"] for line in lines} == set(run["saes"])
 
 
 def test_cli_user_errors(tmp_path, rng):
@@ -160,17 +165,7 @@ def test_cli_sweep_of_every_architecture_then_tools(tmp_path, rng):
     assert all(last[n]["nested"] == 0 for n in want if not n.startswith("matryoshka"))
     assert last["gated-32-l1_1-lr_0.003"]["aux"] > 0 and last["jumprelu-32-l0_0.5-lr_0.003"]["sparsity"] > 0
     saes = load_run(out)
-    from trainers.run import held_out_mask
-
-    held = held_out_mask(np.ones(48, bool), 0.25, 0)
-    x = torch.tensor(acts[held][:, 1:, :].reshape(-1, 16))
-    for name, sae in saes.items():
-        m = json.loads((out / name / "metrics.json").read_text())
-        with torch.no_grad():
-            x_hat = sae.decode(sae.encode(x)).double()
-        xd = x.double()
-        assert m["fvu"] == pytest.approx(float(((xd - x_hat) ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum()), rel=1e-4)
-        assert 0 < m["l0"] <= sae.d_sae
+    _assert_held_out_metrics(out, saes, acts)
 
     r = CliRunner().invoke(tools_main, ["topk", str(out), "-k", "3", "--quiet"])
     assert r.exit_code == 0, r.output
