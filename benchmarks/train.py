@@ -14,9 +14,10 @@
     trainers/fused.py), and the projected time for 100M patches.
 (d) a mixed bank, one SAE of each architecture (ReLU, TopK, BatchTopK, JumpReLU, Gated, and the
     Matryoshka objective on ReLU, TopK and BatchTopK; widths cycled over --width): its step against
-    the plain matrix products of its shapes, as (a). The extra work of the new architectures (Gated's
-    gate reconstruction, two more GEMMs; Matryoshka's inner prefixes; their element-wise terms) is
-    in the step and not in the baseline.  [skipped with --no-mixed]
+    the plain matrix products of its shapes, as (a), and the (a) bank's step again, all four timed in
+    interleaved rounds (best of --rounds). The extra work of the new architectures (Gated's gate
+    reconstruction, two more GEMMs; Matryoshka's inner prefixes; TopK's selection; their element-wise
+    terms) is in the step and not in the baseline.  [skipped with --no-mixed]
 --profile prints that step's kernels by device time.
 """
 
@@ -122,9 +123,13 @@ def mixed_saes(widths: list[str], d: int, k: int) -> list:
 
 
 def gemm_seconds(saes, cfg: TrainConfig, device, n_iter: int) -> float:
-    """The same matrix products as a training step, alone: operands already in the step's compute
-    dtype (bf16 with --precision bf16) and the latents laid out as the step lays them out, so no
-    cast or copy is timed here that the step would not also pay."""
+    return _time(gemm_fn(saes, cfg, device), device, n_iter)
+
+
+def gemm_fn(saes, cfg: TrainConfig, device):
+    """A closure running the same matrix products as a training step, alone: operands already in the
+    step's compute dtype (bf16 with --precision bf16) and the latents laid out as the step lays them
+    out, so no cast or copy is timed here that the step would not also pay."""
     B, d, cd = cfg.batch_size, cfg.d_in, compute_dtype(cfg)
     widths = {}
     for c in saes:
@@ -144,7 +149,17 @@ def gemm_seconds(saes, cfg: TrainConfig, device, n_iter: int) -> float:
             torch.bmm(z.transpose(1, 2), gx)            # d W_dec
             x.T @ z_bns.view(B, -1)                     # d W_enc
 
-    return _time(one, device, n_iter)
+    return one
+
+
+def interleaved_seconds(fns: dict, device, n_iter: int, n_rounds: int) -> dict:
+    """Seconds per call of each closure: the best of `n_rounds` rounds that time them one after the other,
+    so that on a shared machine whose speed drifts by minutes every ratio compares times taken together."""
+    best = {k: float("inf") for k in fns}
+    for _ in range(n_rounds):
+        for k, f in fns.items():
+            best[k] = min(best[k], _time(f, device, n_iter, n_warm=1))
+    return best
 
 
 def store_passes(args, saes, tmp: pathlib.Path) -> tuple[float, float]:
@@ -201,6 +216,7 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="print the kernels of the fastest step by device time")
     p.add_argument("--no-mixed", action="store_true", help="skip (d), the mixed-architecture bank")
     p.add_argument("--k", type=int, default=32, help="k of the mixed bank's TopK/BatchTopK members")
+    p.add_argument("--rounds", type=int, default=3, help="(d): interleaved timing rounds (the best of each is kept)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -245,11 +261,13 @@ def main(argv=None):
         mixed = mixed_saes(widths, args.d, args.k)
         mcfg = dataclasses.replace(best_cfg, saes=tuple(mixed))
         m_flops = 10 * args.batch_size * args.d * sum(c.d_sae for c in mixed)
-        t_mg = gemm_seconds(mixed, mcfg, device, n_iter)
-        t_m = step_seconds(mixed, mcfg, device, n_iter)
-        print(f"(d) mixed bank ({', '.join(f'{c.label} {c.d_sae}' for c in mixed)}), the (c) step's settings: plain GEMMs "
-              f"{t_mg * 1e3:.1f} ms, step {t_m * 1e3:.1f} ms  {m_flops / t_m / 1e9:.1f} GFLOP/s  ratio to plain GEMMs "
-              f"{t_mg / t_m:.2f}", flush=True)
+        t = interleaved_seconds({"mg": gemm_fn(mixed, mcfg, device), "m": step_fn(mixed, mcfg, device),
+                                 "pg": gemm_fn(saes, best_cfg, device), "p": step_fn(saes, best_cfg, device)},
+                                device, n_iter, args.rounds)
+        print(f"(d) mixed bank ({', '.join(f'{c.label} {c.d_sae}' for c in mixed)}), the (c) step's settings, best of "
+              f"{args.rounds} interleaved rounds: plain GEMMs {t['mg'] * 1e3:.1f} ms, step {t['m'] * 1e3:.1f} ms  "
+              f"{m_flops / t['m'] / 1e9:.1f} GFLOP/s  ratio to plain GEMMs {t['mg'] / t['m']:.2f}; the {len(saes)}-SAE "
+              f"bank in the same rounds: {t['p'] * 1e3:.1f} ms, ratio {t['pg'] / t['p']:.2f}", flush=True)
     if not args.no_store:
         with tempfile.TemporaryDirectory() as tmp:
             one, nine = store_passes(args, saes, pathlib.Path(tmp))
