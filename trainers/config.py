@@ -118,9 +118,9 @@ class SAEConfig:
     @property
     def sparsity(self) -> str:
         """Short label of the sparsity setting: `l1=5`, `k=32` or `l0_coef=1`."""
-        if self.arch in K_ARCHS:
-            return f"k={self.k}"
-        return f"l0_coef={self.l0_coef:g}" if self.arch == "jumprelu" else f"l1={self.l1:g}"
+        if self.arch in L1_ARCHS:
+            return f"l1={self.l1:g}"
+        return f"k={self.k}" if self.arch in K_ARCHS else f"l0_coef={self.l0_coef:g}"
 
     @property
     def label(self) -> str:
@@ -131,9 +131,9 @@ class SAEConfig:
     def sparsity_coef(self) -> float:
         """The coefficient of this SAE's sparsity penalty (before the warmup): l1 (ReLU, Gated), l0_coef
         (JumpReLU), 0 (TopK, BatchTopK: k is the constraint)."""
-        if self.arch in K_ARCHS:
-            return 0.0
-        return self.l0_coef if self.arch == "jumprelu" else self.l1
+        if self.arch in L1_ARCHS:
+            return self.l1
+        return self.l0_coef if self.arch == "jumprelu" else 0.0
 
     @property
     def n_aux(self) -> int:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import archs as A
-from .config import K_ARCHS, L1_ARCHS, SAEConfig
+from .config import K_ARCHS, SAEConfig
 from .distributed import rank_world
 from .fused import EAGER, Stages, latent_stats
 

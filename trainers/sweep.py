@@ -34,14 +34,14 @@ import tomllib
 
 from saev_store.errors import UserError
 
-from .config import ARCHS, K_ARCHS, SAEConfig
+from .config import ARCHS, K_ARCHS, L1_ARCHS, SAEConfig
 
 SWEEP_KEYS = ("arch", "objective", "width", "l1", "k", "l0_coef", "lr", "aux_coef", "aux_k", "dead_after",
               "bandwidth", "init_threshold", "prefixes", "n_prefixes", "name")
 PASSED_KEYS = ("aux_coef", "aux_k", "dead_after", "bandwidth", "init_threshold", "prefixes", "n_prefixes")
 """Sweep keys handed to every SAE of a spec as they are (not expanded: `prefixes` is one list)."""
 MATRYOSHKA_KEYS = ("prefixes", "n_prefixes")
-SPARSITY_KEY = {"relu": "l1", "gated": "l1", "topk": "k", "batchtopk": "k", "jumprelu": "l0_coef"}
+SPARSITY_KEY = {**{a: "l1" for a in L1_ARCHS}, **{a: "k" for a in K_ARCHS}, "jumprelu": "l0_coef"}
 """Which sweep key (and flag) lists an architecture's sparsity settings."""
 SPARSITY_DEFAULT = {f.name: f.default for f in dataclasses.fields(SAEConfig) if f.name in SPARSITY_KEY.values()}
 MAX_BARE_EXPANSION = 256
