@@ -12,6 +12,12 @@
     runs (--warm keeps them cached).  [skipped with --no-store]
 (c) patches/s of the fastest nine-SAE step (eager or torch.compile'd element-wise stages, see
     trainers/fused.py), and the projected time for 100M patches.
+(d) a mixed bank, one SAE of each architecture (ReLU, TopK, BatchTopK, JumpReLU, Gated, and the
+    Matryoshka objective on ReLU, TopK and BatchTopK; widths cycled over --width): its step against
+    the plain matrix products of its shapes, as (a), and the (a) bank's step again, all four timed in
+    interleaved rounds (best of --rounds). The extra work of the new architectures (Gated's gate
+    reconstruction, two more GEMMs; Matryoshka's inner prefixes; TopK's selection; their element-wise
+    terms) is in the step and not in the baseline.  [skipped with --no-mixed]
 --profile prints that step's kernels by device time.
 """
 
@@ -29,7 +35,7 @@ import torch
 from trainers.config import TrainConfig
 from trainers.sae import SAEBank
 from trainers.sweep import expand
-from trainers.train import compute_dtype, l1_coefs, make_optimizer, peak_lrs, set_precision, train_step
+from trainers.train import compute_dtype, make_optimizer, peak_lrs, set_precision, sparsity_coefs, train_step
 
 
 def _sync(device):
@@ -52,11 +58,11 @@ def make_trainer(saes, cfg: TrainConfig, device):
     """(a fresh bank on `device`, `step(x)`: one training step of it on the batch x)."""
     bank = SAEBank(saes, cfg.fuse_encoders).to(device)
     opt = make_optimizer(bank, cfg)
-    peak, l1s = peak_lrs(bank, cfg, device), l1_coefs(bank, device)
+    peak, coefs = peak_lrs(bank, cfg, device), sparsity_coefs(bank, device)
     state = {"step": 0}
 
     def step(x):
-        train_step(bank, opt, x, state["step"], 10**9, cfg, peak, l1s)
+        train_step(bank, opt, x, state["step"], 10**9, cfg, peak, coefs)
         state["step"] += 1
 
     return bank, step
@@ -105,10 +111,25 @@ def check_compiled(saes, cfg: TrainConfig, device, n_steps: int = 3) -> float:
     return max(float((banks[0][k] - banks[1][k]).norm() / banks[0][k].norm()) for k in banks[0])
 
 
+def mixed_saes(widths: list[str], d: int, k: int) -> list:
+    """One SAE of each architecture (the Matryoshka objective on its three bases), widths cycled."""
+    specs = [{"arch": "relu", "l1": 1.0}, {"arch": "topk", "k": k}, {"arch": "batchtopk", "k": k}, {"arch": "jumprelu"},
+             {"arch": "gated", "l1": 1.0}]
+    specs += [{"arch": a, "objective": "matryoshka", "l1": 1.0, "k": k} for a in ("relu", "topk", "batchtopk")]
+    out = []
+    for i, spec in enumerate(specs):
+        out += expand({**spec, "width": [widths[i % len(widths)]], "lr": [1e-3]}, d, start_index=len(out))
+    return out
+
+
 def gemm_seconds(saes, cfg: TrainConfig, device, n_iter: int) -> float:
-    """The same matrix products as a training step, alone: operands already in the step's compute
-    dtype (bf16 with --precision bf16) and the latents laid out as the step lays them out, so no
-    cast or copy is timed here that the step would not also pay."""
+    return _time(gemm_fn(saes, cfg, device), device, n_iter)
+
+
+def gemm_fn(saes, cfg: TrainConfig, device):
+    """A closure running the same matrix products as a training step, alone: operands already in the
+    step's compute dtype (bf16 with --precision bf16) and the latents laid out as the step lays them
+    out, so no cast or copy is timed here that the step would not also pay."""
     B, d, cd = cfg.batch_size, cfg.d_in, compute_dtype(cfg)
     widths = {}
     for c in saes:
@@ -128,7 +149,17 @@ def gemm_seconds(saes, cfg: TrainConfig, device, n_iter: int) -> float:
             torch.bmm(z.transpose(1, 2), gx)            # d W_dec
             x.T @ z_bns.view(B, -1)                     # d W_enc
 
-    return _time(one, device, n_iter)
+    return one
+
+
+def interleaved_seconds(fns: dict, device, n_iter: int, n_rounds: int) -> dict:
+    """Seconds per call of each closure: the best of `n_rounds` rounds that time them one after the other,
+    so that on a shared machine whose speed drifts by minutes every ratio compares times taken together."""
+    best = {k: float("inf") for k in fns}
+    for _ in range(n_rounds):
+        for k, f in fns.items():
+            best[k] = min(best[k], _time(f, device, n_iter, n_warm=1))
+    return best
 
 
 def store_passes(args, saes, tmp: pathlib.Path) -> tuple[float, float]:
@@ -183,6 +214,9 @@ def main(argv=None):
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="also time the step with torch.compile'd element-wise stages (auto: on CUDA; CUDA only)")
     p.add_argument("--profile", action="store_true", help="print the kernels of the fastest step by device time")
+    p.add_argument("--no-mixed", action="store_true", help="skip (d), the mixed-architecture bank")
+    p.add_argument("--k", type=int, default=32, help="k of the mixed bank's TopK/BatchTopK members")
+    p.add_argument("--rounds", type=int, default=3, help="(d): interleaved timing rounds (the best of each is kept)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -223,6 +257,17 @@ def main(argv=None):
     print(f"(c) {pps:,.0f} patches/s for {len(saes)} SAEs; 100M patches would take {1e8 / pps / 60:.1f} min")
     if args.profile:
         print(profile_steps(saes, best_cfg, device))
+    if not args.no_mixed:
+        mixed = mixed_saes(widths, args.d, args.k)
+        mcfg = dataclasses.replace(best_cfg, saes=tuple(mixed))
+        m_flops = 10 * args.batch_size * args.d * sum(c.d_sae for c in mixed)
+        t = interleaved_seconds({"mg": gemm_fn(mixed, mcfg, device), "m": step_fn(mixed, mcfg, device),
+                                 "pg": gemm_fn(saes, best_cfg, device), "p": step_fn(saes, best_cfg, device)},
+                                device, n_iter, args.rounds)
+        print(f"(d) mixed bank ({', '.join(f'{c.label} {c.d_sae}' for c in mixed)}), the (c) step's settings, best of "
+              f"{args.rounds} interleaved rounds: plain GEMMs {t['mg'] * 1e3:.1f} ms, step {t['m'] * 1e3:.1f} ms  "
+              f"{m_flops / t['m'] / 1e9:.1f} GFLOP/s  ratio to plain GEMMs {t['mg'] / t['m']:.2f}; the {len(saes)}-SAE "
+              f"bank in the same rounds: {t['p'] * 1e3:.1f} ms, ratio {t['pg'] / t['p']:.2f}", flush=True)
     if not args.no_store:
         with tempfile.TemporaryDirectory() as tmp:
             one, nine = store_passes(args, saes, pathlib.Path(tmp))

@@ -11,7 +11,7 @@ import torch
 from trainers import fused
 from trainers.config import SAEConfig, TrainConfig
 from trainers.sae import SAEBank
-from trainers.train import init_b_dec, l1_coefs, peak_lrs, train_step
+from trainers.train import init_b_dec, peak_lrs, sparsity_coefs, train_step
 from trainers.optim import BankAdam
 
 torch.set_num_threads(2)
@@ -86,11 +86,13 @@ def test_inductor_stages_equal_eager():
 
 @pytest.mark.slow
 def test_compiled_training_steps_equal_eager():
-    """Eight steps of a mixed bank (ReLU, TopK, BatchTopK; two widths) with compiled stages (whole
-    tensors, "aot_eager") against the eager stages (cache-sized pieces) from the same start."""
+    """Eight steps of a mixed bank (ReLU, TopK, BatchTopK, JumpReLU, Gated, Matryoshka; two widths) with
+    compiled stages (whole tensors, "aot_eager") against the eager stages (cache-sized pieces) from the same start."""
     d_in, B = 8, 32
     saes = [SAEConfig("r", d_in, 24, "relu", l1=0.5, seed=1), SAEConfig("r2", d_in, 24, "relu", l1=2.0, seed=2),
-            SAEConfig("t", d_in, 40, "topk", k=3, seed=3, dead_after=32), SAEConfig("b", d_in, 40, "batchtopk", k=2, seed=4)]
+            SAEConfig("t", d_in, 40, "topk", k=3, seed=3, dead_after=32), SAEConfig("b", d_in, 40, "batchtopk", k=2, seed=4),
+            SAEConfig("j", d_in, 24, "jumprelu", l0_coef=0.5, seed=5), SAEConfig("g", d_in, 40, "gated", l1=0.5, seed=6),
+            SAEConfig("m", d_in, 40, "batchtopk", k=2, seed=7, objective="matryoshka")]
     cfg = TrainConfig(saes=tuple(saes), batch_size=B, warmup_steps=2, l1_warmup_steps=2, quiet=True)
     gen = torch.Generator().manual_seed(2)
     batches = [torch.randn(B, d_in, generator=gen) * 2 for _ in range(8)]
@@ -98,9 +100,9 @@ def test_compiled_training_steps_equal_eager():
     for st in (fused.EAGER, fused.stages(True, backend="aot_eager")):
         bank = SAEBank(saes)
         opt = BankAdam(bank, stages=st)
-        peak, l1s = peak_lrs(bank, cfg, "cpu"), l1_coefs(bank, "cpu")
+        peak, coefs = peak_lrs(bank, cfg, "cpu"), sparsity_coefs(bank, "cpu")
         init_b_dec(bank, batches[0], "mean")
-        losses = [train_step(bank, opt, x, i, 8, cfg, peak, l1s).loss for i, x in enumerate(batches)]
+        losses = [train_step(bank, opt, x, i, 8, cfg, peak, coefs).loss for i, x in enumerate(batches)]
         banks.append((bank, torch.stack(losses)))
     (eager, l_e), (comp, l_c) = banks
     torch.testing.assert_close(l_c, l_e, rtol=1e-5, atol=1e-6)
@@ -123,7 +125,7 @@ def test_compiled_pass_with_many_widths_equals_eager():
         opt = BankAdam(bank, stages=st)
         init_b_dec(bank, x, "mean")
         for i in range(2):
-            train_step(bank, opt, x, i, 2, cfg, peak_lrs(bank, cfg, "cpu"), l1_coefs(bank, "cpu"))
+            train_step(bank, opt, x, i, 2, cfg, peak_lrs(bank, cfg, "cpu"), sparsity_coefs(bank, "cpu"))
         banks.append(bank)
     for (name, a), (_, b) in zip(banks[0].named_parameters(), banks[1].named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)

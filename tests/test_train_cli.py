@@ -1,5 +1,6 @@
 """`saev-train` end to end on small stores: outputs, table, export reload, and kill -9 + --resume."""
 
+import csv
 import json
 import os
 import signal
@@ -38,22 +39,27 @@ def test_cli_trains_nine_and_writes_table(tmp_path, rng):
     assert "| name |" in res.output and (out / "table.csv").read_text().count("\n") == 10
     saes = load_run(out)
     assert len(saes) == 9
-    # The evaluation used the held-out images only: recompute one SAE's FVU from the raw store rows.
+    _assert_held_out_metrics(out, saes, acts)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert {json.loads(line)["sae"] for line in lines} == set(run["saes"])
+
+
+def _assert_held_out_metrics(out, saes, acts, held_out=0.25):
+    """The evaluation used the held-out images only: every SAE's FVU recomputed from the raw store rows
+    through its export, L0 in range, a histogram written."""
     from trainers.run import held_out_mask
 
-    held = held_out_mask(np.ones(48, bool), 0.25, 0)
-    x = torch.tensor(acts[held][:, 1:, :].reshape(-1, 16))
+    held = held_out_mask(np.ones(acts.shape[0], bool), held_out, 0)
+    x = torch.tensor(acts[held][:, 1:, :].reshape(-1, acts.shape[-1]))
     for name, sae in saes.items():
         m = json.loads((out / name / "metrics.json").read_text())
         with torch.no_grad():
             x_hat = sae.decode(sae.encode(x)).double()
         xd = x.double()
         fvu = float(((xd - x_hat) ** 2).sum() / ((xd - xd.mean(0)) ** 2).sum())
-        assert m["fvu"] == pytest.approx(fvu, rel=1e-4)
+        assert m["fvu"] == pytest.approx(fvu, rel=1e-4), name
         assert m["n_rows"] == x.shape[0] and 0 < m["l0"] <= sae.d_sae
         assert (out / name / "freq.png").stat().st_size > 0
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert {json.loads(line)["sae"] for line in lines} == set(run["saes"])
 
 
 def test_cli_user_errors(tmp_path, rng):
@@ -99,3 +105,106 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path, rng):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert not (out / "ckpt").exists()
+
+
+SWEEP_ALL = """
+width = ["2x"]
+lr = 3e-3
+[[sae]]
+arch = "relu"
+l1 = 1.0
+[[sae]]
+arch = ["topk", "batchtopk"]
+k = 4
+[[sae]]
+arch = "jumprelu"
+l0_coef = 0.5
+bandwidth = 0.1
+[[sae]]
+arch = "gated"
+l1 = 1.0
+[[sae]]
+arch = ["relu", "topk", "batchtopk"]
+objective = "matryoshka"
+l1 = 1.0
+k = 4
+prefixes = [8]
+"""
+
+
+@pytest.mark.slow
+def test_cli_sweep_of_every_architecture_then_tools(tmp_path, rng):
+    """One saev-train pass over a sweep file holding one SAE of each architecture (the Matryoshka objective on
+    its three bases): names and the table say the architecture, the held-out FVU of each is recomputed from
+    the raw store rows through its export, metrics.jsonl logs the new loss terms, and `saev-tools topk`
+    on the run writes, for every SAE, the brute-force statistics of `sae.encode`; render and report run."""
+    from tools.cli import main as tools_main
+    from tools.topk import load_topk
+    from tools_helpers import assert_matches_oracle, oracle_stats
+
+    st, acts = _store(tmp_path, rng)
+    sweep = tmp_path / "all.toml"
+    sweep.write_text(SWEEP_ALL)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, [st.path, "--hook", "h", "--sweep", str(sweep), "--batch-size", "64", "--n-patches", "1280",
+                                    "--warmup-steps", "2", "--l1-warmup-steps", "4", "--held-out", "0.25", "--buffer-mb", "1",
+                                    "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    run = json.loads((out / "run.json").read_text())
+    assert run["passes_done"] == [0] and len(run["saes"]) == 8
+    table = {r["name"]: r for r in csv.DictReader((out / "table.csv").open())}
+    want = {"relu-32-l1_1-lr_0.003": "relu", "topk-32-k4-lr_0.003": "topk", "batchtopk-32-k4-lr_0.003": "batchtopk",
+            "jumprelu-32-l0_0.5-lr_0.003": "jumprelu", "gated-32-l1_1-lr_0.003": "gated",
+            "matryoshka-relu-32-l1_1-lr_0.003": "matryoshka-relu", "matryoshka-topk-32-k4-lr_0.003": "matryoshka-topk",
+            "matryoshka-batchtopk-32-k4-lr_0.003": "matryoshka-batchtopk"}
+    assert {n: r["arch"] for n, r in table.items()} == want
+    assert table["jumprelu-32-l0_0.5-lr_0.003"]["sparsity"] == "l0_coef=0.5"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = {r["sae"]: r for r in rows}
+    assert all(last[n]["nested"] > 0 for n in want if n.startswith("matryoshka"))
+    assert all(last[n]["nested"] == 0 for n in want if not n.startswith("matryoshka"))
+    assert last["gated-32-l1_1-lr_0.003"]["aux"] > 0 and last["jumprelu-32-l0_0.5-lr_0.003"]["sparsity"] > 0
+    saes = load_run(out)
+    _assert_held_out_metrics(out, saes, acts)
+
+    r = CliRunner().invoke(tools_main, ["topk", str(out), "-k", "3", "--quiet"])
+    assert r.exit_code == 0, r.output
+    patches = torch.tensor(acts[:, 1:, :])
+    labels = np.arange(48, dtype=np.int32) % 3
+    for name, sae in saes.items():
+        with torch.no_grad():
+            z = sae.encode(patches.reshape(-1, 16)).reshape(48, 16, -1).double().numpy()
+        data = load_topk(out / "topk", name)
+        assert_matches_oracle(data.stats, oracle_stats(z, np.arange(48), labels, k=3, tau=0.2, n_classes=3), entropy_rtol=1e-6)
+    r = CliRunner().invoke(tools_main, ["render", str(out / "topk"), "--sae", "gated-32-l1_1-lr_0.003", "--latents", "0",
+                                        "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(tools_main, ["report", str(out / "topk"), "--max-pages", "2", "--quiet"])
+    assert r.exit_code == 0, r.output
+
+
+def test_cli_flags_of_new_architectures(tmp_path, rng):
+    """--arch jumprelu/gated with their sparsity lists and options, --objective matryoshka with --prefixes or
+    --n-prefixes, reach the SAE configs; bad combinations are one clear error."""
+    st, _ = _store(tmp_path, rng)
+    base = [st.path, "--hook", "h", "--width", "2x", "--lr", "3e-3", "--batch-size", "64", "--n-patches", "64",
+            "--held-out", "0.25", "--buffer-mb", "1", "--quiet"]
+    runs = {
+        "j": (["--arch", "jumprelu", "--l0-coef", "0.5,2", "--bandwidth", "0.1", "--init-threshold", "0.02"],
+              [{"arch": "jumprelu", "l0_coef": 0.5, "bandwidth": 0.1, "init_threshold": 0.02},
+               {"arch": "jumprelu", "l0_coef": 2.0}]),
+        "g": (["--arch", "gated", "--l1", "3"], [{"arch": "gated", "l1": 3.0}]),
+        "m": (["--arch", "batchtopk", "--k", "4", "--objective", "matryoshka", "--prefixes", "4,12"],
+              [{"arch": "batchtopk", "objective": "matryoshka", "k": 4, "prefixes": [4, 12]}]),
+        "n": (["--l1", "2", "--objective", "matryoshka", "--n-prefixes", "5"],
+              [{"arch": "relu", "objective": "matryoshka", "prefixes": [], "n_prefixes": 5}]),
+    }
+    for name, (flags, want) in runs.items():
+        res = CliRunner().invoke(main, base + flags + ["--out", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        got = json.loads((tmp_path / name / "run.json").read_text())["config"]["saes"]
+        assert len(got) == len(want) and all(g[k] == v for g, w in zip(got, want) for k, v in w.items())
+    for flags, msg in ((["--arch", "jumprelu", "--k", "4"], "--l0-coef"), (["--prefixes", "8"], "matryoshka"),
+                       (["--arch", "gated", "--objective", "matryoshka"], "matryoshka objective trains")):
+        r = CliRunner().invoke(main, base + flags + ["--out", str(tmp_path / "bad")])
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output

@@ -1,6 +1,7 @@
 """Data parallel: two gloo processes, each on half of every batch, take the same steps as one process
 on the whole batches (gradients, dead-latent counters and the b_dec init are reduced across ranks;
-BatchTopK selects the k * B largest over both ranks' rows, so it equals the one-process step too)."""
+BatchTopK selects the k * B largest over both ranks' rows, so it equals the one-process step too; JumpReLU
+thresholds, Gated magnitudes and Matryoshka prefix draws, functions of (seed, step), agree on both ranks)."""
 
 
 import numpy as np
@@ -21,7 +22,10 @@ def _setup():
     saes = (SAEConfig("r", D, 16, "relu", l1=1.0, lr=5e-3, seed=1),
             SAEConfig("t", D, 16, "topk", k=2, lr=5e-3, seed=2, dead_after=40),
             SAEConfig("b", D, 16, "batchtopk", k=3, lr=5e-3, seed=4),
-            SAEConfig("w", D, 24, "relu", l1=0.5, lr=2e-3, seed=3))
+            SAEConfig("w", D, 24, "relu", l1=0.5, lr=2e-3, seed=3),
+            SAEConfig("j", D, 16, "jumprelu", l0_coef=0.5, lr=5e-3, seed=5, bandwidth=0.2),
+            SAEConfig("g", D, 24, "gated", l1=0.5, lr=5e-3, seed=6),
+            SAEConfig("m", D, 24, "batchtopk", k=2, lr=5e-3, seed=7, objective="matryoshka"))
     cfg = TrainConfig(saes=saes, batch_size=B, warmup_steps=1, l1_warmup_steps=2, quiet=True)
     g = torch.Generator().manual_seed(0)
     data = [torch.randn(B, D, generator=g) * 2 + 1 for _ in range(N_STEPS)]

@@ -9,6 +9,7 @@ made into click options by saev_store/options.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import click
@@ -51,8 +52,9 @@ def _sae_options(fn):
 def main(sweep_fpath, resume, **params):
     """Train sparse autoencoders on one hook of STORE, several per pass over the data.
 
-    The SAEs are the product of --width, --arch, --l1 (relu) or --k (topk/batchtopk), --lr and the other
-    SAE flags, or the entries of --sweep. The defaults train nine: three widths times three L1 coefficients.
+    The SAEs are the product of --width, --arch, --objective, the sparsity flag of each architecture (--l1 for
+    relu and gated, --k for topk and batchtopk, --l0-coef for jumprelu), --lr and the other SAE flags, or the
+    entries of --sweep. The defaults train nine: three widths times three L1 coefficients.
     """
     import pathlib
 

@@ -16,13 +16,22 @@ from typing import Literal
 from saev_store.errors import UserError
 from saev_store.layout import TokenSelection
 from saev_store.loaders import DEFAULT_BUFFER_MB, DEFAULT_N_READERS
-from saev_store.options import check_applies, check_choices, option, specs
+from saev_store.options import check_applies, check_choices, format_value, option, specs
 
-Arch = Literal["relu", "topk", "batchtopk"]
+Arch = Literal["relu", "topk", "batchtopk", "jumprelu", "gated"]
 """SAE architectures, named once."""
 ARCHS: tuple[str, ...] = typing.get_args(Arch)
-TOPK_ARCHS = ("topk", "batchtopk")
-"""The architectures that keep k latents and have the auxiliary dead-latent loss."""
+K_ARCHS: tuple[str, ...] = ("topk", "batchtopk")
+"""Architectures whose sparsity is a number of active latents `k` (and that have the dead-latent auxiliary loss)."""
+L1_ARCHS: tuple[str, ...] = ("relu", "gated")
+"""Architectures penalized by the L1 coefficient `l1` (ReLU on its latents, Gated on its gate's ReLU)."""
+Objective = Literal["vanilla", "matryoshka"]
+OBJECTIVES: tuple[str, ...] = typing.get_args(Objective)
+"""saev's names: one reconstruction loss, or the sum over nested prefixes of the dictionary."""
+MATRYOSHKA_ARCHS: tuple[str, ...] = ("relu", "topk", "batchtopk")
+"""Architectures the Matryoshka objective trains on top of (as Bussmann et al. 2025 and saev do)."""
+SPARSITY_FIELD = {**{a: "l1" for a in L1_ARCHS}, **{a: "k" for a in K_ARCHS}, "jumprelu": "l0_coef"}
+"""The field (sweep key, flag) that sets each architecture's sparsity."""
 Schedule = Literal["constant", "cosine"]
 BDecInit = Literal["mean", "median", "zeros"]
 Precision = Literal["fp32", "tf32", "bf16"]
@@ -46,17 +55,38 @@ class SAEConfig:
     d_sae: int = option(cli=False)
     """Number of latents (from the sweep's `width`)."""
     arch: Arch = option("relu", grid_doc="relu, or topk when k is given")
-    """`relu` (ReLU + L1 penalty), `topk` (keep the k largest per token) or `batchtopk` (keep the k*B largest per batch)."""
-    l1: float = option(1.0, when=("arch", ("relu",)), grid=(1.0, 2.0, 4.0))
-    """L1 coefficient on the latents (relu), applied after the sparsity warmup. The loss sums the squared
-    error over d, and inputs are normalized to mean ||x||^2 = d, so values of about 1-5 suit most hooks."""
-    k: int = option(0, when=("arch", TOPK_ARCHS), grid_doc="none; topk and batchtopk SAEs need it")
+    """`relu` (ReLU + L1 penalty), `topk` (keep the k largest per token), `batchtopk` (keep the k*B largest per
+    batch), `jumprelu` (ReLU above a learned per-latent threshold, L0 penalty through straight-through
+    estimators; Rajamanoharan et al. 2024, as SAELens trains it) or `gated` (a gate path and a magnitude path
+    sharing encoder directions, L1 on the gate and an auxiliary gate reconstruction; Rajamanoharan et al. 2024a)."""
+    objective: Objective = "vanilla"
+    """`vanilla`: one reconstruction loss; `matryoshka` (relu, topk, batchtopk): the sum of the reconstruction
+    losses of nested prefixes of the dictionary (latents 0..L-1 for each prefix length L, the whole width last;
+    Bussmann et al. 2025, saev's `objective:matryoshka`). Exported as the base architecture."""
+    l1: float = option(1.0, when=("arch", L1_ARCHS), grid=(1.0, 2.0, 4.0))
+    """L1 coefficient (relu: on the latents; gated: on the gate's ReLU), applied after the sparsity warmup. The
+    loss sums the squared error over d, and inputs are normalized to mean ||x||^2 = d, so values of about 1-5
+    suit most hooks."""
+    k: int = option(0, when=("arch", K_ARCHS), grid_doc="none; topk and batchtopk SAEs need it")
     """Active latents per token (topk, batchtopk)."""
+    l0_coef: float = option(1.0, when=("arch", ("jumprelu",)))
+    """jumprelu: coefficient of the L0 penalty (active latents per token), after the sparsity warmup
+    (SAELens' `l0_coefficient`)."""
+    bandwidth: float = option(0.05, when=("arch", ("jumprelu",)))
+    """jumprelu: width of the rectangle kernel of the straight-through estimators (SAELens' `jumprelu_bandwidth`)."""
+    init_threshold: float = option(0.01, when=("arch", ("jumprelu",)))
+    """jumprelu: every latent's threshold at step 0 (SAELens' `jumprelu_init_threshold`); kept >= 0."""
+    prefixes: tuple[int, ...] = option((), when=("objective", ("matryoshka",)), whole=True)
+    """matryoshka: fixed prefix lengths, increasing, each < d_sae (the whole width is always the last prefix);
+    one comma list is one setting. Empty (the default, as saev): `n_prefixes` lengths drawn anew every step."""
+    n_prefixes: int = option(10, when=("objective", ("matryoshka",)))
+    """matryoshka without fixed `prefixes`: prefixes per step, the whole width included; the others are drawn
+    without replacement from 2..d_sae-1 with saev's Pareto weights (power 0.5: short prefixes are likelier)."""
     lr: float = 1e-3
     """Peak Adam learning rate (before optional width scaling)."""
-    aux_coef: float = option(1 / 32, when=("arch", TOPK_ARCHS))
+    aux_coef: float = option(1 / 32, when=("arch", K_ARCHS))
     """Weight of the auxiliary dead-latent loss (topk, batchtopk), as in Gao et al. (2024)."""
-    aux_k: int = option(0, when=("arch", TOPK_ARCHS))
+    aux_k: int = option(0, when=("arch", K_ARCHS))
     """Dead latents the auxiliary loss may use per token (topk, batchtopk); 0 means d_in // 2."""
     dead_after: int = 1_000_000
     """A latent that has not fired for this many training tokens counts as dead (for the auxiliary loss and
@@ -67,20 +97,41 @@ class SAEConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise UserError(f"SAE {self.name!r}: architecture {self.arch!r} is unknown; choose one of {', '.join(ARCHS)}.")
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"SAE {self.name!r}: objective {self.objective!r} is unknown; choose one of {', '.join(OBJECTIVES)}.")
+        object.__setattr__(self, "prefixes", tuple(int(p) for p in self.prefixes))
         for spec in specs(SAEConfig):
-            if spec.when is None or self.arch in spec.when[1]:
+            if spec.when is None or getattr(self, spec.when[0]) in spec.when[1]:
                 continue
-            value = getattr(self, spec.name)
-            if value not in (spec.default, 0):
-                raise UserError(f"SAE {self.name!r}: {spec.name}={value:g} is for {', '.join(spec.when[1])} SAEs; a {self.arch} "
-                                f"SAE does not use it (--{spec.name.replace('_', '-')}).")
-            object.__setattr__(self, spec.name, type(value)(0))  # unused: recorded as 0
+            value, unused = getattr(self, spec.name), () if spec.kind == "list" else type(spec.default)(0)
+            if value not in (spec.default, unused):
+                used_by = (f"{', '.join(spec.when[1])} SAEs" if spec.when[0] == "arch"
+                           else f"--{spec.when[0]} {' or '.join(spec.when[1])}")
+                own = (f"; its sparsity is --{SPARSITY_FIELD[self.arch].replace('_', '-')}"
+                       if spec.name in SPARSITY_FIELD.values() and self.arch in SPARSITY_FIELD else "")
+                raise UserError(f"SAE {self.name!r}: {spec.name}={format_value(value)} is for {used_by}; a {self.label} SAE "
+                                f"does not use it ({spec.flag}){own}.")
+            object.__setattr__(self, spec.name, unused)  # unused: recorded as 0 (or empty)
         if self.d_in < 1 or self.d_sae < 1:
             raise UserError(f"SAE {self.name!r}: d_in={self.d_in} and d_sae={self.d_sae} must be positive.")
-        if self.arch == "relu" and self.l1 < 0:
-            raise UserError(f"SAE {self.name!r}: l1={self.l1} must be >= 0.")
-        if self.arch in TOPK_ARCHS and not 1 <= self.k <= self.d_sae:
+        if self.arch in K_ARCHS and not 1 <= self.k <= self.d_sae:
             raise UserError(f"SAE {self.name!r}: {self.arch} needs 1 <= k <= d_sae={self.d_sae}, got k={self.k}; pass --k.")
+        if self.l1 < 0 or self.l0_coef < 0:
+            raise UserError(f"SAE {self.name!r}: l1={self.l1} and l0_coef={self.l0_coef} must be >= 0.")
+        if self.arch == "jumprelu" and (not self.bandwidth > 0 or self.init_threshold < 0):
+            raise UserError(f"SAE {self.name!r}: bandwidth={self.bandwidth} must be > 0 and init_threshold="
+                            f"{self.init_threshold} >= 0.")
+        if self.objective == "matryoshka":
+            if self.arch not in MATRYOSHKA_ARCHS:
+                raise UserError(f"SAE {self.name!r}: the matryoshka objective trains {', '.join(MATRYOSHKA_ARCHS)} SAEs, "
+                                f"not {self.arch}.")
+            p = self.prefixes
+            if any(b <= a for a, b in zip(p, p[1:])) or (p and not 1 <= p[0] <= p[-1] < self.d_sae):
+                raise UserError(f"SAE {self.name!r}: matryoshka prefixes {list(p)} must increase strictly within "
+                                f"1..{self.d_sae - 1} (the whole width {self.d_sae} is always the last prefix).")
+            if not p and not (self.n_prefixes == 1 or 2 <= self.n_prefixes <= self.d_sae - 1):
+                # saev's weights give length 1 probability 0: d_sae - 2 lengths to draw n_prefixes - 1 from.
+                raise UserError(f"SAE {self.name!r}: n_prefixes={self.n_prefixes} must be in 1..d_sae - 1 = {self.d_sae - 1}.")
         if not self.lr > 0:
             raise UserError(f"SAE {self.name!r}: learning rate {self.lr} must be positive.")
         if self.aux_k < 0 or self.dead_after < 1 or self.aux_coef < 0:
@@ -90,8 +141,23 @@ class SAEConfig:
 
     @property
     def sparsity(self) -> str:
-        """Short label of the sparsity setting: `l1=5` or `k=32`."""
-        return f"l1={self.l1:g}" if self.arch == "relu" else f"k={self.k}"
+        """Short label of the sparsity setting: `l1=5`, `k=32` or `l0_coef=1`."""
+        if self.arch in L1_ARCHS:
+            return f"l1={self.l1:g}"
+        return f"k={self.k}" if self.arch in K_ARCHS else f"l0_coef={self.l0_coef:g}"
+
+    @property
+    def label(self) -> str:
+        """Architecture with its objective, as names and tables show it: `topk`, `matryoshka-batchtopk`."""
+        return self.arch if self.objective == "vanilla" else f"{self.objective}-{self.arch}"
+
+    @property
+    def sparsity_coef(self) -> float:
+        """The coefficient of this SAE's sparsity penalty (before the warmup): l1 (ReLU, Gated), l0_coef
+        (JumpReLU), 0 (TopK, BatchTopK: k is the constraint)."""
+        if self.arch in L1_ARCHS:
+            return self.l1
+        return self.l0_coef if self.arch == "jumprelu" else 0.0
 
     @property
     def n_aux(self) -> int:
@@ -133,7 +199,7 @@ class TrainConfig:
     lr_min_frac: float = option(0.0, when=("schedule", ("cosine",)))
     """Final learning rate of the cosine schedule, as a fraction of the peak."""
     l1_warmup_steps: int = 100
-    """Linear warmup of the L1 coefficient from 0 (relu SAEs)."""
+    """Linear warmup of the sparsity coefficients from 0 (L1 of ReLU and Gated SAEs, L0 of JumpReLU SAEs)."""
     scale_lr_with_width: bool = option(False, negatable=True)
     """Scale each SAE's learning rate by 1 / sqrt(d_sae / 2^14)."""
     b_dec_init: BDecInit = "mean"
@@ -227,7 +293,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["saes"] = [dataclasses.asdict(s) for s in self.saes]
+        d["saes"] = [{**dataclasses.asdict(s), "prefixes": list(s.prefixes)} for s in self.saes]  # as JSON holds it
         d["adam_betas"] = list(self.adam_betas)
         return d
 

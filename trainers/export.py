@@ -1,12 +1,13 @@
 """Write one trained SAE in the layout SAELens 6 (`SAE.load_from_disk`) accepts, plus our own state.
 
 SAELens ignores normalization fields after loading, so the input normalization x' = (x - mu) * s is
-folded into the weights (ARCHITECTURE.md, Training): W_enc and W_dec unchanged, b_enc / s, b_dec -> mu + b_dec / s,
-threshold / s. The folded SAE maps RAW activations to the trained SAE's latents divided by s and
-reconstructs raw activations. Architectures map relu -> "standard", topk -> "topk" (with "k"),
-batchtopk -> "jumprelu" (its learned inference threshold, one value for every latent).
-The weights file holds exactly W_enc, W_dec, b_enc, b_dec (+ threshold): SAELens rejects extras, so
-provenance and metrics go to `saev_extra.json`.
+folded into the weights (ARCHITECTURE.md, Training): W_enc and W_dec unchanged, b_enc / s, b_dec -> mu + b_dec / s, threshold / s,
+(Gated) b_gate / s, b_mag / s, r_mag unchanged. The folded SAE maps RAW activations to the trained SAE's
+latents divided by s and reconstructs raw activations. Architectures map relu -> "standard", topk -> "topk"
+(with "k"), batchtopk -> "jumprelu" (its learned inference threshold, one value for every latent),
+jumprelu -> "jumprelu" (its thresholds), gated -> "gated"; a Matryoshka SAE is its base architecture (the
+nesting is a training objective). The weights file holds exactly W_enc, W_dec, b_dec and b_enc (+ threshold)
+or, Gated, b_gate, b_mag, r_mag: SAELens rejects extras, so provenance and metrics go to `saev_extra.json`.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ def fold_normalization(weights: dict[str, torch.Tensor], norm: Normalizer) -> di
     out = {
         "W_enc": weights["W_enc"].float().contiguous(),
         "W_dec": weights["W_dec"].float().contiguous(),
-        "b_enc": (weights["b_enc"].double() / s).float(),
         "b_dec": (mu + weights["b_dec"].double() / s).float(),
     }
-    if "threshold" in weights:
-        out["threshold"] = (weights["threshold"].double() / s).float()
+    for k in ("b_enc", "threshold", "b_gate", "b_mag"):  # pre-activation offsets scale with the latents
+        if k in weights:
+            out[k] = (weights[k].double() / s).float()
+    if "r_mag" in weights:  # a per-latent gain on the shared directions: scale-free
+        out["r_mag"] = weights["r_mag"].float().contiguous()
     return out
 
 

@@ -16,11 +16,11 @@ import torch
 from .fused import EAGER, Stages
 from .sae import SAEBank
 
-MEMBER_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": 0}
+MEMBER_AXIS = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": 0, "jump_threshold": 0, "r_mag": 0, "b_mag": 0}
 """Which axis of each group parameter indexes the member SAE."""
 
 
-ROW_AXIS = {"W_enc": 0, "b_enc": 1, "W_dec": 1, "b_dec": 1}
+ROW_AXIS = {"W_enc": 0, "b_enc": 1, "W_dec": 1, "b_dec": 1, "jump_threshold": 1, "r_mag": 1, "b_mag": 1}
 """An axis of each group parameter that is neither the member axis nor the decoder's row (last) axis:
 the CPU update runs in slices along it."""
 CPU_SLICE_BYTES = 1 << 20

@@ -159,7 +159,7 @@ def write_table(out: pathlib.Path, rows: list[dict]) -> str:
 
 
 def _table_row(c, m: dict, cfg: TrainConfig) -> dict:
-    return {"name": c.name, "arch": c.arch, "d_sae": c.d_sae, "sparsity": c.sparsity,
+    return {"name": c.name, "arch": c.label, "d_sae": c.d_sae, "sparsity": c.sparsity,
             "lr": c.effective_lr(cfg.scale_lr_with_width), **{k: m[k] for k in TABLE_COLUMNS[5:]}}
 
 

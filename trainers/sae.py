@@ -9,8 +9,11 @@ widths run one after the other. All tensors live in the normalized input space
 Per member the loss is the seeds' recipe: `||x - x_hat||^2` (summed over d, mean over the batch)
 + `l1 * sum |z|` for ReLU members (decoder rows are kept unit-norm, so the plain L1 is the
 decoder-weighted one), + `aux_coef * scale * ||e - e_aux||^2` for TopK / BatchTopK members, where
-`e = x - x_hat` and `e_aux` is its reconstruction from the `aux_k` largest dead latents.
-Members share nothing but the input, so the gradient of the summed loss is each member's own.
+`e = x - x_hat` and `e_aux` is its reconstruction from the `aux_k` largest dead latents. JumpReLU
+members add `l0_coef * L0` (learned thresholds, straight-through estimators), Gated members `l1 *`
+the gate's L1 and the gate's reconstruction loss, Matryoshka members the inner prefixes'
+reconstruction losses: archs.py. Members share nothing but the input, so the gradient of the summed
+loss is each member's own.
 
 Two implementations of that loss: `SAEGroup.forward` (plain autograd; evaluation and tests) and
 `SAEGroup.train_grads` (the training step: the same loss differentiated by hand, so the latents are
@@ -28,7 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import SAEConfig
+from . import archs as A
+from .config import K_ARCHS, SAEConfig
 from .distributed import rank_world
 from .fused import EAGER, Stages, latent_stats
 
@@ -66,13 +70,18 @@ class Output(NamedTuple):
     """(n, d_sae) bool: latent fired on at least one row of the batch."""
     kept_min: torch.Tensor
     """(n,) smallest activation BatchTopK kept in this batch (inf for other members)."""
+    sparsity: torch.Tensor
+    """Per member: the penalized sparsity measure (n,), before its coefficient: sum z (ReLU), the gate's
+    sum relu(pi) (Gated), the straight-through L0 (JumpReLU), 0 (TopK, BatchTopK); mean over rows."""
+    nested: torch.Tensor
+    """Per member: the inner prefixes' summed reconstruction losses (n,) (Matryoshka; 0 for the others)."""
 
 
 class StepStats(NamedTuple):
     """Per-member training statistics of one step (n,), on the device (no host sync)."""
 
     loss: torch.Tensor
-    """mse + l1 coefficient * l1 + aux."""
+    """mse + nested + sparsity coefficient * sparsity + aux."""
     mse: torch.Tensor
     """Mean over rows of ||x - x_hat||^2."""
     l1: torch.Tensor
@@ -80,7 +89,12 @@ class StepStats(NamedTuple):
     l0: torch.Tensor
     """Mean active latents per row."""
     aux: torch.Tensor
-    """Weighted auxiliary dead-latent loss (0 where none is dead or for ReLU members)."""
+    """Weighted auxiliary dead-latent loss of TopK/BatchTopK (0 while none is dead), Gated's gate reconstruction
+    loss, else 0."""
+    sparsity: torch.Tensor
+    """The penalized sparsity measure before its coefficient (`Output.sparsity`)."""
+    nested: torch.Tensor
+    """Matryoshka: the inner prefixes' summed reconstruction losses (0 for the others)."""
 
 
 class StepOut(NamedTuple):
@@ -118,6 +132,9 @@ class SAEGroup(nn.Module):
     b_enc (n, d_sae)
     W_dec (n, d_sae, d_in)  -- unit-norm rows
     b_dec (n, d_in)
+    jump_threshold (n, d_sae) -- JumpReLU thresholds (only in a group with a JumpReLU member)
+    r_mag, b_mag (n, d_sae)   -- Gated magnitude path (only in a group with a Gated member; b_enc is b_gate)
+    Members of other architectures in such a group get zero gradients there, which leave Adam's update 0.
     """
 
     def __init__(self, cfgs: Sequence[SAEConfig], fuse_encoders: bool = True):
@@ -144,6 +161,11 @@ class SAEGroup(nn.Module):
         self.k_host = [c.k for c in self.cfgs]
         """k per member on the host (shapes of the top-k calls, without a device sync)."""
         self.aux_k_host = [min(c.n_aux, self.d_sae) for c in self.cfgs]
+        self.register_parameter("jump_threshold", nn.Parameter(torch.zeros(n, self.d_sae)) if "jumprelu" in self.archs else None)
+        self.register_parameter("r_mag", nn.Parameter(torch.zeros(n, self.d_sae)) if "gated" in self.archs else None)
+        self.register_parameter("b_mag", nn.Parameter(torch.zeros(n, self.d_sae)) if "gated" in self.archs else None)
+        self.register_buffer("l1_on_z", torch.tensor([float(c.arch == "relu") for c in self.cfgs]))
+        """1 where the sparsity coefficient is an L1 on the latents themselves (ReLU), else 0."""
         self._g_enc = self._g_dec = self._g_bdec = None
         self.reset_parameters()
 
@@ -158,6 +180,22 @@ class SAEGroup(nn.Module):
             self.W_dec[i] = (w_dec / w_dec.norm(dim=-1, keepdim=True)).to(self.W_dec.device)
         self.b_enc.zero_()
         self.b_dec.zero_()
+        if self.jump_threshold is not None:
+            self.jump_threshold.copy_(torch.tensor([[c.init_threshold] for c in self.cfgs]).expand(self.n, self.d_sae))
+        for p in (self.r_mag, self.b_mag):
+            if p is not None:
+                p.zero_()
+
+    def extra_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The JumpReLU / Gated parameters this group holds (name, parameter)."""
+        return [(k, p) for k in ("jump_threshold", "r_mag", "b_mag") if (p := getattr(self, k)) is not None]
+
+    def prefixes(self, i: int, step: int) -> tuple[int, ...]:
+        """Member i's Matryoshka prefix lengths at `step` (the whole width last): its fixed ones, or saev's draw."""
+        c = self.cfgs[i]
+        if c.prefixes:
+            return c.prefixes + (self.d_sae,)
+        return A.sample_prefixes(self.d_sae, c.n_prefixes, c.seed, step)
 
     def chunks(self, n_rows: int, device: torch.device, whole: bool = False) -> list[tuple[int, int]]:
         """Member ranges [a, b) processed together. On a GPU (or when `whole`) the whole group (big
@@ -224,9 +262,21 @@ class SAEGroup(nn.Module):
                 return z, None
             kept = torch.where(keep & (vals > 0), vals.detach(), torch.full_like(vals, math.inf))
             return z, kept.amin(dim=(1, 2)).to(self.W_dec.dtype)
+        if arch == "jumprelu":
+            if not torch.is_grad_enabled():  # the training step differentiates by hand (archs.threshold_grad)
+                return pre * (pre > self.jump_threshold[a:b, None, :].to(pre.dtype)), None
+            return A.JumpReLU.apply(pre, *self._jump_params(a, b, pre.dtype)), None
+        if arch == "gated":
+            return A.gated_latents(pre, self.b_enc[a:b, None, :], self.r_mag[a:b, None, :], self.b_mag[a:b, None, :]), None
         # batchtopk at inference: a JumpReLU at the learned threshold (the form it is exported in)
         h = torch.relu(pre)
         return h * (h > self.threshold[a:b, None, None].to(h.dtype)), None
+
+    def _jump_params(self, a: int, b: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(thresholds (m, 1, d_sae), bandwidths (m, 1, 1)) of members [a, b), broadcasting against (m, B, d_sae),
+        for the autograd form (the bandwidths are host floats: a small copy, never in the training step)."""
+        eps = torch.tensor([c.bandwidth for c in self.cfgs[a:b]], dtype=dtype, device=self.W_dec.device)
+        return self.jump_threshold[a:b, None, :].to(dtype), eps[:, None, None]
 
     def decode(self, z: torch.Tensor, a: int = 0, b: int | None = None, w_dec: torch.Tensor | None = None) -> torch.Tensor:
         """Members [a, b): (m, B, d_sae) -> (m, B, d_in), in z's dtype. `w_dec`: W_dec[a:b] already
@@ -236,9 +286,11 @@ class SAEGroup(nn.Module):
         w_dec = self.W_dec[a:b].to(dt) if w_dec is None else w_dec
         return torch.baddbmm(self.b_dec[a:b, None, :].to(dt), z, w_dec)
 
-    def forward(self, x_bd: torch.Tensor, train: bool = True) -> Output:
-        """All members, differentiable (autograd); evaluation and tests use it. Training uses the
-        hand-written `train_grads`, which computes the same loss and its gradient with fewer passes."""
+    def forward(self, x_bd: torch.Tensor, train: bool = True, step: int = 0) -> Output:
+        """All members, differentiable (autograd); tests use it. Training uses the hand-written
+        `train_grads`, which computes the same loss and its gradient with fewer passes. `step` picks the
+        Matryoshka prefixes drawn at that training step. The training loss of member i is
+        `mse + nested + coef_i * sparsity + aux` (coef_i: `SAEConfig.sparsity_coef` after the warmup)."""
         outs, wd = [], self.W_dec.dtype  # losses in the weights' dtype (fp32; fp64 in tests)
         for a, b in self.chunks(x_bd.shape[0], x_bd.device):
             pre = self.pre_acts(x_bd, a, b)
@@ -250,14 +302,44 @@ class SAEGroup(nn.Module):
             with torch.no_grad():
                 l0 = (z > 0).sum(dim=(1, 2), dtype=torch.int32).to(wd) / z.shape[1]
                 fired = z.amax(1) > 0
-            aux = self.aux_loss(x_bd, x_hat, pre, a, b) if train else torch.zeros_like(mse)
-            outs.append(Output(x_hat, z, mse, l1, l0, aux, fired, kept_min))
+            zero = torch.zeros_like(mse)
+            aux, sparsity, nested = zero, zero, zero
+            if train:
+                sparsity, nested, gate_aux = self._penalties(x_bd, pre, z, l1, a, b, step)
+                aux = self.aux_loss(x_bd, x_hat, pre, a, b) + gate_aux
+            outs.append(Output(x_hat, z, mse, l1, l0, aux, fired, kept_min, sparsity, nested))
         if len(outs) == 1:
             return outs[0]
         return Output(*(torch.cat(t) for t in zip(*outs)))
 
+    def _penalties(self, x_bd, pre, z, l1, a: int, b: int, step: int) -> tuple[torch.Tensor, ...]:
+        """Autograd form of (sparsity, nested, Gated's auxiliary loss), each (m,), for members [a, b) (`Output`)."""
+        wd = self.W_dec.dtype
+        x = x_bd.to(wd)
+        zero = l1.new_zeros(())
+        sparsity, nested, gate_aux = [], [], [zero] * (b - a)
+        for i in range(a, b):
+            j, arch = i - a, self.archs[i]
+            if arch == "relu":
+                sparsity.append(l1[j])
+            elif arch == "jumprelu":
+                theta, eps = self._jump_params(i, i + 1, pre.dtype)
+                sparsity.append(A.Step.apply(pre[j : j + 1], theta, eps).sum(-1).mean().to(wd))
+            elif arch == "gated":
+                sp, gate_aux[j] = A.gated_penalties(pre[j].to(wd), self.W_dec[i], self.b_dec[i], x)
+                sparsity.append(sp)
+            else:
+                sparsity.append(zero)
+            if self.cfgs[i].objective == "matryoshka":
+                inner = self.prefixes(i, step)[:-1]
+                nested.append(A.prefix_mses(z[j].to(wd), self.W_dec[i], self.b_dec[i], x, inner).sum() if inner
+                              else l1.new_zeros(()))
+            else:
+                nested.append(zero)
+        return torch.stack(sparsity), torch.stack(nested), torch.stack(gate_aux)
+
     def aux_loss(self, x_bd: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        """Auxiliary loss of TopK/BatchTopK members [a, b) (autograd form, for `forward`): (m,)."""
+        """Dead-latent auxiliary loss of TopK/BatchTopK members [a, b) (autograd form, for `forward`): (m,)."""
         zero = torch.zeros((), dtype=self.W_dec.dtype, device=x_bd.device)
         aux = [zero] * (b - a)
         for i in self._aux_members(a, b):
@@ -270,7 +352,7 @@ class SAEGroup(nn.Module):
 
     def _aux_members(self, a: int, b: int) -> list[int]:
         """TopK/BatchTopK members of [a, b) with a dead latent (one host sync; none while nothing is dead)."""
-        members = [i for i in range(a, b) if self.archs[i] != "relu"]
+        members = [i for i in range(a, b) if self.archs[i] in K_ARCHS]
         if not members:
             return []
         dead_any = (self.tokens_since_fired[a:b] >= self.dead_after[a:b, None]).any(-1).tolist()
@@ -301,22 +383,24 @@ class SAEGroup(nn.Module):
         return self._g_enc, self._g_dec, self._g_bdec
 
     @torch.no_grad()
-    def train_grads(self, x_bd: torch.Tensor, l1_coef: torch.Tensor, compute_dtype: torch.dtype | None = None,
-                    stages: Stages = EAGER) -> StepOut:
+    def train_grads(self, x_bd: torch.Tensor, coefs: torch.Tensor, compute_dtype: torch.dtype | None = None,
+                    stages: Stages = EAGER, step: int = 0) -> StepOut:
         """Loss of every member on the batch and its gradient, written to the parameters' `.grad`.
 
-        The same loss as `forward(train=True)` (summed over members), differentiated by hand so that
-        each chunk of members costs its five GEMMs plus a few element-wise stages over the latents
+        The same loss as `forward(train=True, step=step)` (summed over members), differentiated by hand so
+        that each chunk of members costs its five GEMMs plus a few element-wise stages over the latents
         (`stages`, eager or compiled, see fused.py): ReLU in place with the per-latent sums and
         firing counts that L1, L0 and the dead-latent counters need; the L1 term and the ReLU/TopK
         mask folded into the latent gradient in place (`z > 0` is exactly where the latent had a
         gradient); the encoder bias gradient a row of the encoder weight GEMM; every gradient GEMM
-        writing straight into its final buffer. `l1_coef` (n,) is this step's L1 coefficient (0 for
-        TopK/BatchTopK members)."""
+        writing straight into its final buffer. JumpReLU, Gated and Matryoshka members add their own
+        terms member by member (archs.py; eager: not through the compiled stages). `coefs` (n,) is this
+        step's sparsity coefficient per member (`SAEConfig.sparsity_coef` after the warmup)."""
         B, d, s = x_bd.shape[0], self.d_in, self.d_sae
         wd = self.W_dec.dtype  # the weights' (master) dtype: losses and gradients
         cd = compute_dtype or wd  # GEMMs and latents (bf16 on a GPU when asked)
         g_enc, g_dec, g_bdec = self._grad_buffers()
+        g_extra = {k: torch.zeros_like(p) for k, p in self.extra_parameters()}
         x = x_bd.to(wd)
         x_cd = x.to(cd)
         d_pad = self._d_pad()
@@ -324,6 +408,7 @@ class SAEGroup(nn.Module):
         x1_t[:, :d] = x_cd
         x1_t[:, d] = 1
         x1_t = x1_t.T
+        c_z = coefs * self.l1_on_z / B  # the L1-on-z term of the latent gradient (ReLU members)
         parts = []
         for a, b in self.chunks(B, x.device, whole=stages.compiled):
             m = b - a
@@ -343,6 +428,8 @@ class SAEGroup(nn.Module):
             l0 = z_counts.sum(-1).to(wd) / B
             fired = z_counts > 0  # (m, d_sae)
             aux = torch.zeros(m, dtype=wd, device=x.device)
+            nested = torch.zeros(m, dtype=wd, device=x.device)
+            sparsity = torch.where(self.l1_on_z[a:b] > 0, l1, 0.0)
             g = err.mul_(2.0 / B)  # d loss / d x_hat
             g_cd = g.to(cd)
             # Decoder: dW_dec = z^T g, db_dec = sum_B g (plus the encoder's b_dec term below).
@@ -360,7 +447,21 @@ class SAEGroup(nn.Module):
             else:
                 buf = dz = torch.empty(m, B, s, dtype=cd, device=x.device)
             torch.bmm(g_cd, w_dec.transpose(1, 2), out=dz)
-            stages.mask_grad_(dz, z, l1_coef[a:b] / B)  # dpre
+            for i in range(a, b):  # terms on d loss / d z, before the mask
+                j = i - a
+                if self.cfgs[i].objective == "matryoshka" and (inner := self.prefixes(i, step)[:-1]):
+                    nested[j] = A.nested_grads_(z[j], w_dec[j], self.b_dec[i], x, inner, dz[j], gw[j], gb[j])
+                if self.archs[i] == "jumprelu":
+                    sparsity[j] = l0[j]
+                    g_extra["jump_threshold"][i] = A.threshold_grad(pre[j], dz[j], self.jump_threshold[i],
+                                                                    self.cfgs[i].bandwidth, coefs[i] / B)
+            stages.mask_grad_(dz, z, c_z[a:b])  # dpre
+            gated = [i for i in range(a, b) if self.archs[i] == "gated"]
+            gate_fix = {}
+            for i in gated:
+                j = i - a
+                sparsity[j], aux[j], g_extra["r_mag"][i], g_extra["b_mag"][i], gate_fix[i] = A.gated_grads_(
+                    pre[j], dz[j], x, w_dec[j], self.b_dec[i], self.b_enc[i], self.r_mag[i], coefs[i] / B)
             for i in aux_members:
                 j = i - a
                 aux[j] = self._aux_grads(pre[j], g[j], i, dz[j], gw[j], B)
@@ -383,14 +484,19 @@ class SAEGroup(nn.Module):
             # db_dec gets -W_enc db_enc.
             g_enc[:d, a * s : b * s].view(d, m, s).sub_(self.b_dec[a:b].T[:, :, None] * db_enc[None])
             gb.sub_(torch.einsum("dms,ms->md", w_enc, db_enc))
+            for i, fix in gate_fix.items():  # b_gate gets the gate path only (archs.gated_grads_)
+                db_enc[i - a].sub_(fix)
             g_bdec[a:b] = gb
-            parts.append((mse, l1, l0, aux, fired, kept_min))
+            parts.append((mse, l1, l0, aux, fired, kept_min, sparsity, nested))
         self.W_enc.grad = g_enc[:d].view(d, self.n, s)
         self.b_enc.grad = g_enc[d].view(self.n, s)
         self.W_dec.grad = g_dec
         self.b_dec.grad = g_bdec
-        mse, l1, l0, aux, fired, kept_min = (torch.cat(t) if len(parts) > 1 else t[0] for t in zip(*parts))
-        return StepOut(StepStats(mse + l1_coef * l1 + aux, mse, l1, l0, aux), fired, kept_min)
+        for k, p in self.extra_parameters():
+            p.grad = g_extra[k]
+        mse, l1, l0, aux, fired, kept_min, sparsity, nested = (torch.cat(t) if len(parts) > 1 else t[0] for t in zip(*parts))
+        loss = mse + nested + coefs * sparsity + aux
+        return StepOut(StepStats(loss, mse, l1, l0, aux, sparsity, nested), fired, kept_min)
 
     def _aux_grads(self, pre_bs: torch.Tensor, g_bd: torch.Tensor, i: int, dpre_bs: torch.Tensor,
                    gw_sd: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -409,8 +515,12 @@ class SAEGroup(nn.Module):
 
     @torch.no_grad()
     def after_step(self, fired: torch.Tensor, n_rows: int, kept_min: torch.Tensor) -> None:
-        """Bookkeeping after an optimizer step: dead-latent counters and the BatchTopK threshold."""
+        """Bookkeeping after an optimizer step: dead-latent counters, the BatchTopK threshold, and JumpReLU
+        thresholds projected back to >= 0 (SAELens: below 0 the gate would pass negative pre-activations;
+        projected, not clamped in the graph, so a threshold at 0 keeps its gradient)."""
         self.tokens_since_fired.add_(n_rows).masked_fill_(fired, 0)
+        if self.jump_threshold is not None:
+            self.jump_threshold.clamp_(min=0.0)
         finite = torch.isfinite(kept_min)
         if bool(finite.any()):
             first = self.n_threshold_updates == 0
@@ -419,16 +529,23 @@ class SAEGroup(nn.Module):
             self.threshold.copy_(torch.where(finite, new, self.threshold))
             self.n_threshold_updates.add_(1)
 
-    def member_weights(self, i: int) -> dict[str, torch.Tensor]:
-        """Member i's weights in SAELens layout (normalized space), detached float32 CPU copies."""
-        out = {
-            "W_enc": self.W_enc[:, i, :].detach().float().cpu().contiguous(),
-            "W_dec": self.W_dec[i].detach().float().cpu().contiguous(),
-            "b_enc": self.b_enc[i].detach().float().cpu().contiguous(),
-            "b_dec": self.b_dec[i].detach().float().cpu().contiguous(),
-        }
-        if self.cfgs[i].arch == "batchtopk":
-            out["threshold"] = self.threshold[i].detach().float().cpu().expand(self.d_sae).contiguous()
+    def member_weights(self, i: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Member i's weights in SAELens layout (normalized space), detached CPU copies in `dtype`: W_enc, W_dec,
+        b_dec, then b_enc (+ threshold for BatchTopK, one value per latent, and JumpReLU), or for Gated
+        b_gate, b_mag, r_mag."""
+        def cpu(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu", dtype).contiguous()
+
+        out = {"W_enc": cpu(self.W_enc[:, i, :]), "W_dec": cpu(self.W_dec[i]), "b_dec": cpu(self.b_dec[i])}
+        arch = self.archs[i]
+        if arch == "gated":
+            out.update(b_gate=cpu(self.b_enc[i]), b_mag=cpu(self.b_mag[i]), r_mag=cpu(self.r_mag[i]))
+        else:
+            out["b_enc"] = cpu(self.b_enc[i])
+        if arch == "batchtopk":
+            out["threshold"] = cpu(self.threshold[i].expand(self.d_sae))
+        elif arch == "jumprelu":
+            out["threshold"] = cpu(self.jump_threshold[i])
         return out
 
 
@@ -444,8 +561,8 @@ class SAEBank(nn.Module):
         self.index = {c.name: (gi, i) for gi, g in enumerate(self.groups) for i, c in enumerate(g.cfgs)}
         """name -> (group index, member index)."""
 
-    def forward(self, x_bd: torch.Tensor, train: bool = True) -> list[Output]:
-        return [g(x_bd, train) for g in self.groups]
+    def forward(self, x_bd: torch.Tensor, train: bool = True, step: int = 0) -> list[Output]:
+        return [g(x_bd, train, step) for g in self.groups]
 
     @torch.no_grad()
     def init_b_dec(self, b_dec_d: torch.Tensor) -> None:

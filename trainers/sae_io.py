@@ -33,9 +33,11 @@ WEIGHTS_FNAME = "sae_weights.safetensors"
 SPARSITY_FNAME = "sparsity.safetensors"
 EXTRA_FNAME = "saev_extra.json"
 RUN_FNAME = "run.json"
-SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu"}
+GATED_TENSORS = ("b_gate", "b_mag", "r_mag")
+"""A gated SAE's tensors besides W_enc, W_dec, b_dec (SAELens 6 `GatedSAE`: no b_enc)."""
+SAELENS_ARCH = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "gated": "gated"}
 """Our architecture -> the `architecture` SAELens 6 loads (BatchTopK is exported as its JumpReLU form)."""
-SAELENS_ARCHS = tuple(SAELENS_ARCH.values())
+SAELENS_ARCHS = tuple(dict.fromkeys(SAELENS_ARCH.values()))
 SAELENS_SUPPORTED = {"normalize_activations": ("none",), "reshape_activations": ("none",),
                      "rescale_acts_by_decoder_norm": (False,)}
 """SAELens cfg fields that change what encode/decode compute, and the values `SAE` implements (the
@@ -47,7 +49,8 @@ class SAE(nn.Module):
     """An exported SAE, applied to raw activations the way SAELens 6 applies it.
 
     `encode`: standard: relu((x - b_dec) @ W_enc + b_enc); topk: the k largest of that, relu'd;
-    jumprelu: relu(...) kept where it exceeds `threshold`. `decode`: z @ W_dec + b_dec. The input
+    jumprelu: relu(...) kept where it exceeds `threshold`; gated: with h = (x - b_dec) @ W_enc,
+    relu(h * exp(r_mag) + b_mag) where h + b_gate > 0. `decode`: z @ W_dec + b_dec. The input
     is centered on b_dec only when the cfg's `apply_b_dec_to_input` is true (SAELens' default and
     ours); settings outside `SAELENS_SUPPORTED` are refused.
     """
@@ -71,12 +74,13 @@ class SAE(nn.Module):
         self.k = int(cfg["k"]) if arch == "topk" else None
         self.W_enc = nn.Parameter(weights["W_enc"].float(), requires_grad=False)
         self.W_dec = nn.Parameter(weights["W_dec"].float(), requires_grad=False)
-        self.b_enc = nn.Parameter(weights["b_enc"].float(), requires_grad=False)
         self.b_dec = nn.Parameter(weights["b_dec"].float(), requires_grad=False)
-        if arch == "jumprelu":
-            self.threshold = nn.Parameter(weights["threshold"].float(), requires_grad=False)
-        else:
-            self.threshold = None
+        names = GATED_TENSORS if arch == "gated" else ("b_enc",) + (("threshold",) if arch == "jumprelu" else ())
+        missing = [k for k in names if k not in weights]
+        if missing:
+            raise UserError(f"a {arch} SAE needs the tensors {', '.join(missing)} in its weights file; re-export it.")
+        for k in ("b_enc", "threshold") + GATED_TENSORS:
+            setattr(self, k, nn.Parameter(weights[k].float(), requires_grad=False) if k in names else None)
         if tuple(self.W_enc.shape) != (self.d_in, self.d_sae) or tuple(self.W_dec.shape) != (self.d_sae, self.d_in):
             raise UserError(
                 f"SAE weights have W_enc {tuple(self.W_enc.shape)} and W_dec {tuple(self.W_dec.shape)} but cfg.json "
@@ -117,11 +121,16 @@ class SAE(nn.Module):
     def metrics(self) -> dict:
         return self.extra.get("metrics", {})
 
-    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - b_dec) @ W_enc, centered only when `apply_b_dec_to_input`."""
         x = x.to(self.W_enc.device, torch.float32)
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        return x @ self.W_enc
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - b_dec) @ W_enc + b_enc (for Gated, + b_gate: the gate's pre-activation)."""
+        return self._hidden(x) + (self.b_gate if self.architecture == "gated" else self.b_enc)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Raw activations (..., d_in) -> latents (..., d_sae) float32."""
@@ -129,6 +138,9 @@ class SAE(nn.Module):
             x = torch.as_tensor(np.asarray(x))
         if x.shape[-1] != self.d_in:
             raise UserError(f"SAE expects inputs of width {self.d_in}, got {tuple(x.shape)}; check the hook.")
+        if self.architecture == "gated":
+            h = self._hidden(x)
+            return torch.relu(torch.addcmul(self.b_mag, h, self.r_mag.exp())) * (h + self.b_gate > 0)
         h = torch.relu(self.pre_acts(x))
         if self.architecture == "topk":
             vals, idx = h.topk(self.k, dim=-1)
@@ -146,7 +158,7 @@ class SAE(nn.Module):
 
 
 def load_sae(sae_dpath: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
-    """Load one exported SAE folder: ours, or a SAELens 6 standard/topk/jumprelu folder with either
+    """Load one exported SAE folder: ours, or a SAELens 6 standard/topk/jumprelu/gated folder with either
     `apply_b_dec_to_input` and the other settings at SAELens' defaults (`SAELENS_SUPPORTED`)."""
     dpath = pathlib.Path(sae_dpath)
     cfg_fpath, w_fpath = dpath / CFG_FNAME, dpath / WEIGHTS_FNAME

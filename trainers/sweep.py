@@ -16,21 +16,36 @@ one SAE:
     [[sae]]
     arch = "topk"
     k = [16, 32]
+    [[sae]]
+    arch = "batchtopk"
+    objective = "matryoshka"        # nested prefixes; `prefixes = [128, 512]` fixes them, else saev's draws
+    k = 32
+    [[sae]]
+    arch = "jumprelu"
+    l0_coef = [0.5, 1.0]            # JumpReLU's sparsity; bandwidth, init_threshold as options
+    [[sae]]
+    arch = "gated"
+    l1 = [1.0, 2.0]                 # Gated's sparsity (on the gate)
+
+The sparsity key an architecture uses is `l1` (relu, gated), `k` (topk, batchtopk) or `l0_coef`
+(jumprelu); `arch` and `objective` select which keys apply (a field's `when`), and every combination of
+them is expanded. A key whose field is marked `whole` (`prefixes`) takes one list as one value.
 
 Flags given with `--sweep` apply to every entry; a key set by both a flag and the file is an error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import tomllib
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from saev_store.errors import UserError
 from saev_store.options import Spec, format_value, parse_one, specs
 
-from .config import SAEConfig
+from .config import SPARSITY_FIELD, SAEConfig
 
 MAX_BARE_EXPANSION = 256
 """A bare width up to this is an expansion factor; above it, an absolute number of latents."""
@@ -38,7 +53,7 @@ WIDTH = Spec(name="width", path=("width",), flag="--width", kind="list", type=st
              help="Widths: 'Nx' (or a bare N <= 256) is N * d_in latents, larger numbers are absolute.",
              n_items=None, aliases=(), when=None, required=False, short=None)
 """The one sweep key that is not an SAEConfig field (it sets d_sae from the hook's d)."""
-NAMED = ("width", "l1", "k", "lr")
+NAMED = ("width", "l1", "k", "l0_coef", "lr")
 """Keys an SAE's default name shows (`relu-4096-l1_2-lr_0.001`); another key with several values is appended."""
 
 
@@ -51,18 +66,13 @@ class Axis(NamedTuple):
     """What a sweep without the key trains; None for `arch` (relu, or topk when k is given)."""
     grid_doc: str
     """The default as --help shows it."""
-
-    @property
-    def archs(self) -> tuple[str, ...] | None:
-        """The architectures that use this key (None: all)."""
-        return None if self.spec.when is None else tuple(self.spec.when[1])
+    whole: bool = False
+    """One list is one value (`prefixes`), not a list of values to expand."""
 
 
 @functools.cache
 def axes() -> dict[str, Axis]:
     """Sweep key -> Axis: `width`, then SAEConfig's option fields in their order."""
-    import dataclasses
-
     fields = {f.name: f for f in dataclasses.fields(SAEConfig)}
     out = {"width": Axis(WIDTH, WIDTH.default, format_value(WIDTH.default))}
     for spec in specs(SAEConfig):
@@ -71,8 +81,16 @@ def axes() -> dict[str, Axis]:
             out[spec.name] = Axis(spec, None, meta["grid_doc"])
             continue
         grid = tuple(meta.get("grid", (spec.default,)))
-        out[spec.name] = Axis(spec, grid, meta.get("grid_doc", format_value(grid)))
+        doc = meta.get("grid_doc", format_value(grid) if not meta.get("whole") else format_value(spec.default) or "none")
+        out[spec.name] = Axis(spec, grid, doc, bool(meta.get("whole")))
     return out
+
+
+@functools.cache
+def selectors() -> tuple[str, ...]:
+    """The keys other keys depend on (`arch`, `objective`: the fields named by a `when`), in axis order."""
+    named = {a.spec.when[0] for a in axes().values() if a.spec.when is not None}
+    return tuple(k for k in axes() if k in named)
 
 
 def sweep_keys() -> tuple[str, ...]:
@@ -95,26 +113,41 @@ def parse_width(w, d_in: int) -> int:
     return int(round(v * d_in)) if v <= MAX_BARE_EXPANSION else int(round(v))
 
 
-def sae_name(arch: str, d_sae: int, values: dict[str, Any], varying: tuple[str, ...] = ()) -> str:
-    """`relu-4096-l1_2-lr_0.001` / `topk-4096-k32-lr_0.001`, plus `-<key>_<value>` for each other key in `varying`."""
-    sparsity = f"l1_{values['l1']:g}" if arch == "relu" else f"k{values['k']}"
-    extra = "".join(f"-{key}_{format_value(values[key])}" for key in varying if key not in NAMED)
-    return f"{arch}-{d_sae}-{sparsity}-lr_{values['lr']:g}{extra}"
+def sae_name(cfg: SAEConfig, varying: tuple[str, ...] = ()) -> str:
+    """`<arch>-<d_sae>-<sparsity>-lr_<lr>`, the arch with its objective (`relu-4096-l1_2-lr_0.001`,
+    `matryoshka-topk-1280-k32-lr_0.001`, `jumprelu-1280-l0_1-lr_0.001`), plus `-<key>_<value>` for each
+    other key in `varying`."""
+    key = SPARSITY_FIELD[cfg.arch]
+    sparsity = f"k{cfg.k}" if key == "k" else f"{key[:2]}_{getattr(cfg, key):g}"
+    extra = "".join(f"-{k}_{format_value(getattr(cfg, k))}" for k in varying if k not in NAMED and k not in selectors())
+    return f"{cfg.label}-{cfg.d_sae}-{sparsity}-lr_{cfg.lr:g}{extra}"
 
 
 def _as_list(v) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
+def _values(spec: dict, key: str) -> list:
+    """The values of one key in a spec (its grid when absent); `arch` defaults to relu, or topk when k is given."""
+    ax = axes()[key]
+    if key == "arch" and key not in spec:
+        return ["topk" if "k" in spec else "relu"]
+    if key not in spec:
+        return list(ax.grid)
+    if ax.whole:
+        return [tuple(parse_one(ax.spec, v) for v in _as_list(spec[key]))]
+    return [parse_one(ax.spec, v) for v in _as_list(spec[key])]
+
+
 def _archs(spec: dict) -> list[str]:
-    return [parse_one(axes()["arch"].spec, a) for a in _as_list(spec.get("arch", "topk" if "k" in spec else "relu"))]
+    return _values(spec, "arch")
 
 
 def unused_keys(spec: dict) -> list[str]:
-    """Keys of `spec` that no architecture it trains uses (they would do nothing)."""
-    archs = _archs(spec)
+    """Keys of `spec` that no SAE it trains uses (their `when` matches none of the spec's archs/objectives)."""
     ax = axes()
-    return [k for k in spec if k in ax and ax[k].archs is not None and not set(archs) & set(ax[k].archs)]
+    return [k for k in spec if k in ax and ax[k].spec.when is not None
+            and not set(_values(spec, ax[k].spec.when[0])) & set(ax[k].spec.when[1])]
 
 
 def expand(spec: dict, d_in: int, seed: int = 0, start_index: int = 0, *, strict: bool = True) -> list[SAEConfig]:
@@ -123,26 +156,29 @@ def expand(spec: dict, d_in: int, seed: int = 0, start_index: int = 0, *, strict
     unknown = set(spec) - set(sweep_keys())
     if unknown:
         raise UserError(f"unknown sweep keys {sorted(unknown)}; use {', '.join(sweep_keys())}.")
+    ax = axes()
     if strict and unused_keys(spec):
         bad = unused_keys(spec)
-        ax = axes()
         raise UserError(f"{', '.join(ax[k].spec.flag for k in bad)} ({', '.join(bad)}) only appl{'y' if len(bad) > 1 else 'ies'} to "
-                        f"{' / '.join(sorted({a for k in bad for a in ax[k].archs}))} SAEs, and none of these is one "
-                        f"(arch {', '.join(_archs(spec))}): they would do nothing. Leave them out.")
+                        f"{' / '.join(sorted({f'{ax[k].spec.when[0]} {v}' for k in bad for v in ax[k].spec.when[1]}))} SAEs, "
+                        f"and none of these is one (arch {', '.join(_archs(spec))}, objective "
+                        f"{', '.join(_values(spec, 'objective'))}): they would do nothing. Leave them out"
+                        + ("".join(f"; a {a} SAE's sparsity is {ax[SPARSITY_FIELD[a]].spec.flag}" for a in _archs(spec))
+                           if set(bad) & set(SPARSITY_FIELD.values()) else "") + ".")
     out = []
-    ax = axes()
-    for arch in _archs(spec):
-        keys = [k for k, a in ax.items() if k != "arch" and (a.archs is None or arch in a.archs)]
-        values = {k: [parse_one(ax[k].spec, v) for v in _as_list(spec[k])] if k in spec else list(ax[k].grid) for k in keys}
+    sel = selectors()
+    for chosen in itertools.product(*(_values(spec, k) for k in sel)):
+        where = dict(zip(sel, chosen))
+        keys = [k for k, a in ax.items() if k not in sel and (a.spec.when is None or where[a.spec.when[0]] in a.spec.when[1])]
+        values = {k: _values(spec, k) for k in keys}
         if "k" in keys and "k" not in spec:
-            raise UserError(f"{arch} SAEs need --k (active latents per token), e.g. --k 16,32,64.")
+            raise UserError(f"{where['arch']} SAEs need --k (active latents per token), e.g. --k 16,32,64.")
         varying = tuple(k for k in keys if len(values[k]) > 1)
         for combo in itertools.product(*(values[k] for k in keys)):
             kw = dict(zip(keys, combo))
             d_sae = parse_width(kw.pop("width"), d_in)
-            named = {"l1": kw.get("l1", 0.0), "k": kw.get("k", 0), "lr": kw["lr"], **kw}
-            name = spec.get("name") or sae_name(arch, d_sae, named, varying)
-            out.append(SAEConfig(name=name, d_in=d_in, d_sae=d_sae, arch=arch, seed=seed + start_index + len(out), **kw))
+            cfg = SAEConfig(name=spec.get("name") or "_", d_in=d_in, d_sae=d_sae, seed=seed + start_index + len(out), **where, **kw)
+            out.append(cfg if spec.get("name") else dataclasses.replace(cfg, name=sae_name(cfg, varying)))
     return out
 
 

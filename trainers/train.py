@@ -8,7 +8,7 @@ resumed pass continues with exactly the batches an uninterrupted one would have 
 One step (`train_step`): every group's loss and hand-written gradient, gradients averaged over ranks
 (distributed runs), Adam with per-member learning rates under the decoder-norm constraint (the
 decoder gradient's and update's components along each row removed, rows renormalized), then the
-dead-latent counters and BatchTopK thresholds.
+dead-latent counters, BatchTopK thresholds and the JumpReLU thresholds' projection onto >= 0.
 """
 
 from __future__ import annotations
@@ -92,10 +92,10 @@ def init_b_dec(bank: SAEBank, x_bd: torch.Tensor, how: str) -> None:
     bank.init_b_dec(center)
 
 
-def l1_coefs(bank: SAEBank, device) -> list[torch.Tensor]:
-    """Per group, each member's peak L1 coefficient (0 for TopK/BatchTopK members)."""
-    return [torch.tensor([c.l1 if c.arch == "relu" else 0.0 for c in g.cfgs], dtype=torch.float32, device=device)
-            for g in bank.groups]
+def sparsity_coefs(bank: SAEBank, device) -> list[torch.Tensor]:
+    """Per group, each member's peak sparsity coefficient (`SAEConfig.sparsity_coef`: L1 of ReLU and Gated,
+    L0 of JumpReLU, 0 for TopK/BatchTopK)."""
+    return [torch.tensor([c.sparsity_coef for c in g.cfgs], dtype=torch.float32, device=device) for g in bank.groups]
 
 
 def compute_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -104,19 +104,19 @@ def compute_dtype(cfg: TrainConfig) -> torch.dtype:
 
 
 def train_step(bank: SAEBank, opt: BankAdam, x_bd: torch.Tensor, step: int, n_steps: int, cfg: TrainConfig,
-               peak: list[torch.Tensor], l1s: list[torch.Tensor] | None = None) -> StepStats:
+               peak: list[torch.Tensor], coefs: list[torch.Tensor] | None = None) -> StepStats:
     """One optimizer step of every SAE on the normalized batch `x_bd` (this rank's share).
 
-    `peak` (from `peak_lrs`) and `l1s` (from `l1_coefs`, built here when None) are per-group member
+    `peak` (from `peak_lrs`) and `coefs` (from `sparsity_coefs`, built here when None) are per-group member
     vectors made once per pass, so a step allocates no small tensors from Python lists."""
     _, world = rank_world()
-    l1_f = sparsity_factor(step, cfg.l1_warmup_steps)
+    sparsity_f = sparsity_factor(step, cfg.l1_warmup_steps)
     lr_f = lr_factor(step, n_steps, cfg.warmup_steps, cfg.schedule, cfg.lr_min_frac)
-    if l1s is None:
-        l1s = l1_coefs(bank, x_bd.device)
+    if coefs is None:
+        coefs = sparsity_coefs(bank, x_bd.device)
     cd = compute_dtype(cfg)
     opt.zero_grad()
-    outs: list[StepOut] = [g.train_grads(x_bd, l1 * l1_f, cd, opt.stages) for g, l1 in zip(bank.groups, l1s)]
+    outs: list[StepOut] = [g.train_grads(x_bd, c * sparsity_f, cd, opt.stages, step) for g, c in zip(bank.groups, coefs)]
     if world > 1:
         grads = [p.grad for p in bank.parameters() if p.grad is not None]
         flat = torch.cat([gr.reshape(-1) for gr in grads])
@@ -164,7 +164,7 @@ class MetricLogger:
                 f.write(json.dumps(r) + "\n")
         if self.tb is not None:
             for r in rows:
-                for k in ("loss", "mse", "l1", "l0", "aux", "dead_frac", "lr"):
+                for k in (*StepStats._fields, "dead_frac", "lr"):
                     self.tb.add_scalar(f"{r['sae']}/{k}", r[k], r["step"])
             self.tb.add_scalar("patches_per_s", rows[0]["patches_per_s"], rows[0]["step"])
 
@@ -211,7 +211,7 @@ def train_pass(
     bank = SAEBank(saes, cfg.fuse_encoders).to(device)
     opt = make_optimizer(bank, cfg)
     peak = peak_lrs(bank, cfg, device)
-    l1s = l1_coefs(bank, device)
+    coefs = sparsity_coefs(bank, device)
     step = 0
     ckpt = load_checkpoint(ckpt_fpath) if ckpt_fpath is not None else None
     if ckpt is not None:
@@ -247,7 +247,7 @@ def train_pass(
                 x = (x - mean_t) * scale
             if step == 0:
                 init_b_dec(bank, x, cfg.b_dec_init)
-            stats = train_step(bank, opt, x, step, n_steps, cfg, peak, l1s)
+            stats = train_step(bank, opt, x, step, n_steps, cfg, peak, coefs)
             step += 1
             rows_since += x.shape[0] * world
             acc = [a + s for a, s in zip(acc, stats)] if acc is not None else list(stats)
@@ -262,15 +262,15 @@ def train_pass(
                 rows = [
                     {
                         "pass": pass_idx, "step": step, "sae": c.name,
-                        "loss": float(acc_cpu[0][i]), "mse": float(acc_cpu[1][i]), "l1": float(acc_cpu[2][i]),
-                        "l0": float(acc_cpu[3][i]), "aux": float(acc_cpu[4][i]), "dead_frac": float(dead[i]),
+                        **{k: float(v[i]) for k, v in zip(StepStats._fields, acc_cpu)}, "dead_frac": float(dead[i]),
                         "lr": c.effective_lr(cfg.scale_lr_with_width) * lr_f, "patches_per_s": pps,
                     }
                     for i, c in enumerate(bank.cfgs)
                 ]
                 if logger is not None and rank == 0:
                     logger.log(rows)
-                bar.set_postfix(mse=f"{float(acc_cpu[1].mean()) / cfg.d_in:.3g}", L0=f"{float(acc_cpu[3].mean()):.3g}",
+                avg = StepStats(*acc_cpu)
+                bar.set_postfix(mse=f"{float(avg.mse.mean()) / cfg.d_in:.3g}", L0=f"{float(avg.l0.mean()):.3g}",
                                 dead=f"{float(dead.mean()):.2f}", pps=f"{pps:,.0f}")
                 acc, n_acc, rows_since, t_last = None, 0, 0, time.perf_counter()
             if ckpt_fpath is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == n_steps):
