@@ -4,7 +4,8 @@ Every option of `record` and `bench` is a field of `RecordConfig` / `BenchConfig
 makes the flags from them).
 
     saev-store record --out demo.zarr
-    accelerate launch -m saev_store.cli record --out vit.zarr ...     # one process per GPU
+    accelerate launch --multi_gpu --num_processes 8 -m saev_store.cli record --out vit.zarr ...   # one process per GPU
+    torchrun --nproc_per_node 2 -m saev_store.cli record --out vit.zarr ...                       # also on CPU (gloo)
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ def record(**params):
 
     cfg = build(RecordConfig, params, explicit=given())
     res = run_record(cfg)
+    if res["rank"] != 0:
+        return
     if res.get("already_complete"):
         click.echo(f"{cfg.out} is already complete; nothing to do (pass --overwrite to record it again).")
-    elif res["rank"] == 0:
+    else:
         mb = res["bytes_written"] / 2**20
         secs = max(res["seconds"], 1e-9)
         click.echo(

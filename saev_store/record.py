@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import format as fmt
+from .distributed import agree, rank_world
 from .datasets import DATASET_KINDS
 from .datasets.masks import MaskConfig
 from .errors import UserError
@@ -175,20 +176,21 @@ def label_sets_diff(have: dict[str, dict], want: dict[str, dict]) -> list[str]:
     return diffs
 
 
-def _dist_state(device: str):
-    """(rank, world_size, barrier) for a run under `accelerate launch` or `torchrun` (both set
+def _dist_state(device: str) -> tuple[int, int]:
+    """(rank, world_size) for a run under `accelerate launch` or `torchrun` (both set
     RANK/WORLD_SIZE/MASTER_ADDR); a plain run is rank 0 of 1. Recording needs no collective but
-    the barriers around creating and finalizing the store, so gloo serves on any device."""
+    the agreements around creating and finalizing the store (saev_store/distributed.py), so gloo
+    serves on any device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return 0, 1, lambda: None
+        return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo")
     if device.startswith("cuda") and torch.cuda.is_available() and ":" not in device:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), dist.get_world_size(), dist.barrier
+    return rank_world()
 
 
 def resolve_hooks(model, cfg: RecordConfig) -> list[str]:
@@ -237,7 +239,7 @@ def record(cfg: RecordConfig, on_progress: Callable[[int, int], None] | None = N
     from .datasets import create_dataset, infer_kind
     from .models import create_model
 
-    rank, world, barrier = _dist_state(cfg.device)
+    rank, world = _dist_state(cfg.device)
     say = (lambda msg: print(msg, file=sys.stderr)) if rank == 0 else (lambda msg: None)
     torch.manual_seed(cfg.seed)
     kind = cfg.dataset
@@ -270,7 +272,9 @@ def record(cfg: RecordConfig, on_progress: Callable[[int, int], None] | None = N
     }
     labeler, label_sets = _labeler(cfg, src, pre, specs)
 
-    st = _create_or_resume(cfg, specs, meta, n_images, rank, barrier, label_sets)
+    # Process 0 creates, resumes or refuses the store; the others open what it decided.
+    agree(lambda: _create_or_resume(cfg, specs, meta, n_images, label_sets), rank0_only=True)
+    st = open_store(cfg.out, mode="r+")
     result = Result(store=cfg.out, hooks=hooks, n_images=n_images, rank=rank, world_size=world)
     if st.complete:
         result.update(images_written=0, bytes_written=0, seconds=0.0, complete=True, already_complete=True)
@@ -280,17 +284,11 @@ def record(cfg: RecordConfig, on_progress: Callable[[int, int], None] | None = N
     labels_all = src.labels()[:n_images]
     ids_all = src.image_ids()[:n_images]
     t0 = time.perf_counter()
-    n_written = _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all, on_progress, labeler)
+    # Every process records its chunks; an error in one (an unreadable image) stops all with its message.
+    n_written = agree(lambda: _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all, on_progress,
+                                             labeler))
     elapsed = time.perf_counter() - t0
-    barrier()
-    complete = False
-    if rank == 0:
-        st = open_store(cfg.out, mode="r+")
-        if st.done().all():
-            st.finalize()
-            for key in label_sets:
-                st.finalize_patch_labels(key)
-            complete = True
+    complete = agree(lambda: _finalize_if_done(cfg.out, label_sets), rank0_only=True)
     result.update(
         images_written=n_written["images"],
         bytes_written=n_written["bytes"],
@@ -319,38 +317,47 @@ def _labeler(cfg: RecordConfig, src, pre, specs: dict[str, HookSpec]):
     return PatchLabeler(masks, pre, grids, cfg.masks.rule, cfg.masks.background), sets
 
 
-def _create_or_resume(cfg: RecordConfig, specs, meta, n_images: int, rank: int, barrier, label_sets: dict) -> Store:
+def _create_or_resume(cfg: RecordConfig, specs, meta, n_images: int, label_sets: dict) -> None:
+    """Create the store, or check that the existing one records what this run would (process 0's decision)."""
     exists = os.path.exists(os.path.join(cfg.out, "zarr.json")) if "://" not in cfg.out else False
-    if rank == 0:
-        if exists and not cfg.overwrite:
-            st = open_store(cfg.out, mode="r+")
-            diffs = metadata_diff(st.attrs, meta, specs, cfg.store_dtype, n_images)
-            label_diffs = label_sets_diff(st.patch_label_sets(), label_sets)
-            if st.complete and label_sets and label_diffs:
-                raise UserError(f"{cfg.out} is already recorded; add or replace its patch labels without recording again: "
-                                f"`saev-store add-labels {cfg.out}` with the same mask options (" + "; ".join(label_diffs) + ").")
-            if not st.complete:
-                diffs += label_diffs
-            if diffs:
-                raise UserError(
-                    f"{cfg.out} was recorded with different settings, so this run cannot resume it:\n  "
-                    + "\n  ".join(diffs)
-                    + "\nRerun with the store's settings, choose another --out, or pass --overwrite to start over."
-                )
-        else:
-            create_store(
-                cfg.out,
-                n_images=n_images,
-                hooks=specs,
-                store_dtype=cfg.store_dtype,
-                chunk_bytes=cfg.chunk_mib << 20,
-                images_per_chunk=cfg.images_per_chunk,
-                metadata=meta,
-                patch_labels=label_sets,
-                overwrite=cfg.overwrite,
+    if exists and not cfg.overwrite:
+        st = open_store(cfg.out, mode="r+")
+        diffs = metadata_diff(st.attrs, meta, specs, cfg.store_dtype, n_images)
+        label_diffs = label_sets_diff(st.patch_label_sets(), label_sets)
+        if st.complete and label_sets and label_diffs:
+            raise UserError(f"{cfg.out} is already recorded; add or replace its patch labels without recording again: "
+                            f"`saev-store add-labels {cfg.out}` with the same mask options (" + "; ".join(label_diffs) + ").")
+        if not st.complete:
+            diffs += label_diffs
+        if diffs:
+            raise UserError(
+                f"{cfg.out} was recorded with different settings, so this run cannot resume it:\n  "
+                + "\n  ".join(diffs)
+                + "\nRerun with the store's settings, choose another --out, or pass --overwrite to start over."
             )
-    barrier()
-    return open_store(cfg.out, mode="r+")
+    else:
+        create_store(
+            cfg.out,
+            n_images=n_images,
+            hooks=specs,
+            store_dtype=cfg.store_dtype,
+            chunk_bytes=cfg.chunk_mib << 20,
+            images_per_chunk=cfg.images_per_chunk,
+            metadata=meta,
+            patch_labels=label_sets,
+            overwrite=cfg.overwrite,
+        )
+
+
+def _finalize_if_done(out: str, label_sets: dict) -> bool:
+    """Statistics and the complete mark once every chunk is done (by any process, in any run)."""
+    st = open_store(out, mode="r+")
+    if not st.done().all():
+        return False
+    st.finalize()
+    for key in label_sets:
+        st.finalize_patch_labels(key)
+    return True
 
 
 def _record_chunks(cfg, st, model, pre, hooks, chunks, src, labels_all, ids_all, on_progress, labeler=None):

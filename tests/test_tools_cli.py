@@ -60,3 +60,10 @@ def test_cli_run_topk_render_report(tmp_path):
     index = run / "topk" / "report" / "index.html"
     assert f"report: {index}" in r.output and index.is_file()
     assert len(os.listdir(run / "topk" / "report" / "w16" / "latents")) <= 3
+
+
+def test_under_a_launcher_every_process_refuses_in_one_line(tmp_path):
+    """torchrun/accelerate set WORLD_SIZE; every process would mine into the same folder, so each refuses."""
+    r = CliRunner().invoke(main, ["topk", str(tmp_path / "run")], env={"WORLD_SIZE": "2", "RANK": "1"})
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "without torchrun or accelerate launch" in r.output
+    assert not (tmp_path / "run").exists()

@@ -86,7 +86,7 @@ def test_kill9_then_resume_equals_uninterrupted(tmp_path, rng):
     ref, out = tmp_path / "ref", tmp_path / "killed"
     subprocess.run(_cmd(st.path, ref), env=env, check=True, capture_output=True)
     proc = subprocess.Popen(_cmd(st.path, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = out / "ckpt" / "pass0-rank0.pt"
+    ckpt = out / "ckpt" / "pass0.pt"
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)

@@ -9,9 +9,11 @@ saev_store/options.py.
 
 from __future__ import annotations
 
+import os
+
 import click
 
-from saev_store.errors import cli_class
+from saev_store.errors import UserError, cli_class
 from saev_store.options import build, given, options
 
 from .config import RenderConfig, ReportConfig, TopkConfig
@@ -23,6 +25,10 @@ ON_INTERRUPT = "nothing is kept from an interrupted command; rerun it."
 @click.group(cls=cli_class(click.Group, ON_INTERRUPT), context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main():
     """Mine SAE features: exemplars and per-latent statistics, heatmap grids, an HTML report."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every process would mine the whole store into the same folder: refuse instead of racing.
+        raise UserError("saev-tools runs in one process (topk is one ordered pass for every SAE); run it without "
+                        "torchrun or accelerate launch, with --device cuda for a GPU.")
 
 
 def _fields(cfg) -> dict:

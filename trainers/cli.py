@@ -4,7 +4,8 @@ The run options are TrainConfig's fields and the SAE flags are the sweep keys (t
 made into click options by saev_store/options.py.
 
     saev-train demo/fmnist.zarr --hook _blocks.10 --out demo/run
-    accelerate launch -m trainers.cli STORE --hook H ...     # data parallel
+    accelerate launch --multi_gpu --num_processes 4 -m trainers.cli STORE --hook H ...   # data parallel
+    torchrun --nproc_per_node 2 -m trainers.cli STORE --hook H ...                        # also on CPU (gloo)
 """
 
 from __future__ import annotations
@@ -79,10 +80,13 @@ def main(sweep_fpath, resume, **params):
     else:
         saes = expand(sae_spec, d_in, params["seed"])
     cfg = build(TrainConfig, params, explicit=explicit, saes=tuple(saes))
-    click.echo(f"training {len(saes)} SAEs on {store} [{hook}, {cfg.tokens}, d={d_in}] in {len(cfg.passes())} pass(es) "
-               f"-> {cfg.out_dpath}", err=True)
+    rank, world = rank_world()
+    if rank == 0:
+        on = f" on {world} processes" if world > 1 else ""
+        click.echo(f"training {len(saes)} SAEs on {store} [{hook}, {cfg.tokens}, d={d_in}] in {len(cfg.passes())} pass(es)"
+                   f"{on} -> {cfg.out_dpath}", err=True)
     rows = run_training(cfg, resume=resume)
-    if rank_world()[0] == 0:
+    if rank == 0:
         click.echo((pathlib.Path(cfg.out_dpath) / "table.md").read_text())
         click.echo(f"wrote {len(rows)} SAEs to {cfg.out_dpath} (table.csv, table.md, <sae>/metrics.json, <sae>/freq.png)", err=True)
 

@@ -1,12 +1,8 @@
-"""Where this process stands in a data-parallel run (torchrun / accelerate launch), or (0, 1) alone."""
+"""Where this process stands in a data-parallel run (torchrun / accelerate launch), or (0, 1) alone,
+and how its processes agree on what to do with the run directory (saev_store/distributed.py)."""
 
 from __future__ import annotations
 
-import torch.distributed as dist
+from saev_store.distributed import agree, rank_world
 
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) of the initialized process group, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+__all__ = ["agree", "rank_world"]

@@ -9,7 +9,13 @@ Run directory layout (`cfg.out_dpath`):
     <sae name>/metrics.json       held-out evaluation; <sae name>/freq.png its firing-frequency histogram
     metrics.jsonl                 training metrics every `log_every` steps
     table.csv, table.md           every SAE of the run: L0 against FVU
-    ckpt/pass<j>-rank<r>.pt       checkpoint of the pass in progress (removed when the pass is exported)
+    ckpt/pass<j>.pt               checkpoint of the pass in progress, every rank's position in it (removed
+                                  when the pass is exported)
+
+Under a launcher, process 0 alone decides about the directory (create it, refuse it, resume it), writes
+run.json, checkpoints, exports and the table, and hands every decision and error to the others
+(`agree`), so every process stops with the same message. The directory must be one every process
+sees (one machine, or a shared filesystem).
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from saev_store.errors import UserError
 from saev_store.stats import Normalizer
@@ -34,7 +39,7 @@ from .export import export_sae
 from .metrics import HIST_EDGES, FVUAccumulator, SAEAccumulator
 from .sae import SAEBank
 from .sae_io import RUN_FNAME
-from .distributed import rank_world
+from .distributed import agree, rank_world
 from .train import MetricLogger, train_pass
 
 TABLE_COLUMNS = ("name", "arch", "d_sae", "sparsity", "lr", "l0", "fvu", "mse", "n_dead", "n_almost_dead", "n_dense")
@@ -61,8 +66,12 @@ def _write_json_atomic(fpath: pathlib.Path, obj) -> None:
     os.replace(tmp, fpath)
 
 
-def _open_run_dir(cfg: TrainConfig, resume: bool) -> dict:
-    """Create the run directory or check the one being resumed; returns run.json's contents."""
+def _open_run_dir(cfg: TrainConfig, resume: bool, world: int = 1) -> dict:
+    """Create the run directory or check the one being resumed; returns run.json's contents.
+
+    Process 0's decision (`run_training` calls it there only): the others would find the directory it
+    has just created. The number of processes is part of the result (each rank reads its own chunks),
+    so a run resumes only with the number it started with."""
     out = pathlib.Path(cfg.out_dpath)
     run_fpath = out / RUN_FNAME
     want = cfg.to_dict()
@@ -75,14 +84,16 @@ def _open_run_dir(cfg: TrainConfig, resume: bool) -> dict:
         if diff:
             raise UserError(f"cannot resume {out}: the settings {', '.join(diff)} differ from the interrupted run; "
                             f"rerun with the same settings or choose another --out.")
+        if info.get("world_size", 1) != world:
+            raise UserError(f"cannot resume {out}: it was trained by {info.get('world_size', 1)} process(es), this run has "
+                            f"{world}; resume it with the launcher and process count it started with.")
         return info
     if out.exists() and any(p.name != "metrics.jsonl" for p in out.iterdir()) and not resume:
         raise UserError(f"{out} exists and is not a training run; choose another --out or remove it.")
     out.mkdir(parents=True, exist_ok=True)
     info = {"store": cfg.store, "hook": cfg.hook, "tokens": cfg.tokens, "saes": [s.name for s in cfg.saes],
-            "passes_done": [], "config": want}
-    if rank_world()[0] == 0:
-        _write_json_atomic(run_fpath, info)
+            "passes_done": [], "world_size": world, "config": want}
+    _write_json_atomic(run_fpath, info)
     return info
 
 
@@ -189,9 +200,7 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> list[dict]:
         eval_mask[np.flatnonzero(eval_mask)[cfg.max_eval_images :]] = False
 
     out = pathlib.Path(cfg.out_dpath)
-    info = _open_run_dir(cfg, resume)
-    if world > 1:
-        dist.barrier()
+    info = agree(lambda: _open_run_dir(cfg, resume, world), rank0_only=True)
     logger = MetricLogger(out, enabled=rank == 0)
     bs = cfg.batch_size // world
     model = store.attrs.get("model")
@@ -217,29 +226,34 @@ def run_training(cfg: TrainConfig, resume: bool = False) -> list[dict]:
                 if n_steps < 1:
                     raise UserError(f"{cfg.store} has fewer training rows than one batch ({cfg.batch_size}); "
                                     "lower --batch-size or record more images.")
-                ckpt_fpath = out / "ckpt" / f"pass{j}-rank{rank}.pt"
                 desc = f"pass {j + 1}/{len(cfg.passes())}"
-                bank, _ = train_pass(saes, cfg, loader, n_steps, normalizer, ckpt_fpath=ckpt_fpath, logger=logger,
-                                     pass_idx=j, desc=desc)
-            if rank == 0:
-                results = evaluate(bank, _eval_rows(store, cfg, eval_mask), normalizer, torch.device(cfg.device))
-                for c in bank.cfgs:
-                    res = results[c.name]
-                    metrics = {**res.summary(), "eval_on": "held_out" if held.any() else "train",
-                               "n_eval_images": int(eval_mask.sum())}
-                    sae_dpath = export_sae(out / c.name, c, bank.member_weights(c.name), normalizer, hook=cfg.hook,
-                                           store=str(cfg.store), tokens=cfg.tokens, freq=res.freq, metrics=metrics,
-                                           train_cfg=cfg.to_dict(), model=model_name)
-                    (sae_dpath / "metrics.json").write_text(json.dumps(metrics, indent=2))
-                    plot_freq(res.freq, f"{c.name}: L0 {res.l0:.1f}, FVU {res.fvu:.3f}", sae_dpath / "freq.png")
-                    rows.append(_table_row(c, metrics, cfg))
-                info["passes_done"].append(j)
-                _write_json_atomic(out / RUN_FNAME, info)
-            if world > 1:
-                dist.barrier()
-            shutil.rmtree(out / "ckpt", ignore_errors=True) if world == 1 else ckpt_fpath.unlink(missing_ok=True)
+                bank, _ = train_pass(saes, cfg, loader, n_steps, normalizer, ckpt_fpath=out / "ckpt" / f"pass{j}.pt",
+                                     logger=logger, pass_idx=j, desc=desc)
+            rows += agree(lambda: _export_pass(bank, cfg, store, info, j, normalizer, eval_mask, held, model_name),
+                          rank0_only=True)
     finally:
         logger.close()
-    if rank == 0:
-        write_table(out, rows)
+    agree(lambda: write_table(out, rows), rank0_only=True)
+    return rows
+
+
+def _export_pass(bank: SAEBank, cfg: TrainConfig, store, info: dict, j: int, normalizer: Normalizer,
+                 eval_mask: np.ndarray, held: np.ndarray, model_name: str | None) -> list[dict]:
+    """Evaluate and export pass `j`'s SAEs, mark the pass done in run.json and drop its checkpoint
+    (process 0's work); returns their table rows."""
+    out = pathlib.Path(cfg.out_dpath)
+    results = evaluate(bank, _eval_rows(store, cfg, eval_mask), normalizer, torch.device(cfg.device))
+    rows = []
+    for c in bank.cfgs:
+        res = results[c.name]
+        metrics = {**res.summary(), "eval_on": "held_out" if held.any() else "train", "n_eval_images": int(eval_mask.sum())}
+        sae_dpath = export_sae(out / c.name, c, bank.member_weights(c.name), normalizer, hook=cfg.hook,
+                               store=str(cfg.store), tokens=cfg.tokens, freq=res.freq, metrics=metrics,
+                               train_cfg=cfg.to_dict(), model=model_name)
+        (sae_dpath / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        plot_freq(res.freq, f"{c.name}: L0 {res.l0:.1f}, FVU {res.fvu:.3f}", sae_dpath / "freq.png")
+        rows.append(_table_row(c, metrics, cfg))
+    info["passes_done"].append(j)
+    _write_json_atomic(out / RUN_FNAME, info)
+    shutil.rmtree(out / "ckpt", ignore_errors=True)
     return rows

@@ -173,18 +173,34 @@ class MetricLogger:
             self.tb.close()
 
 
-def _ckpt_state(bank, opt, step, batches) -> dict:
-    state = {
-        "step": step,
-        "names": [c.name for c in bank.cfgs],
-        "bank": {k: v.detach().cpu() for k, v in bank.state_dict().items()},
-        "opt": opt.state_dict(),
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
+def _rank_state(batches) -> dict:
+    """What differs between the ranks of a data-parallel run: the loader's position and the RNG states."""
+    state = {"rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     if hasattr(batches, "state_dict"):
         state["loader"] = batches.state_dict()
     return state
+
+
+def _save(ckpt_fpath, bank, opt, step, batches) -> None:
+    """One checkpoint for the whole run, written by rank 0: the bank and Adam (equal on every rank, the
+    gradients being averaged) and every rank's `_rank_state`. One file, replaced atomically, so killing
+    the whole job at any moment leaves every rank's state at the same step."""
+    rank, world = rank_world()
+    mine = _rank_state(batches)
+    ranks = [mine]
+    if world > 1:
+        ranks = [None] * world if rank == 0 else None
+        dist.gather_object(mine, ranks, dst=0)
+    if rank == 0:
+        save_checkpoint(ckpt_fpath, {
+            "step": step,
+            "names": [c.name for c in bank.cfgs],
+            "world_size": world,
+            "bank": {k: v.detach().cpu() for k, v in bank.state_dict().items()},
+            "opt": opt.state_dict(),
+            "ranks": ranks,
+        })
 
 
 def train_pass(
@@ -201,8 +217,8 @@ def train_pass(
 ) -> tuple[SAEBank, int]:
     """Train the SAEs `saes` for `n_steps` steps on `batches` (raw rows, normalized here by `normalizer`).
 
-    With `ckpt_fpath`, a checkpoint there is resumed from (bank, Adam, step, loader position, RNG) and a
-    new one written every `cfg.ckpt_every` steps and at the end. Returns (bank, steps done), the bank
+    With `ckpt_fpath`, a checkpoint there is resumed from (bank, Adam, step, each rank's loader position
+    and RNG) and a new one written by rank 0 every `cfg.ckpt_every` steps and at the end. Returns (bank, steps done), the bank
     on `cfg.device`; fewer steps than asked only when `batches` runs out first.
     """
     rank, world = rank_world()
@@ -217,14 +233,18 @@ def train_pass(
     if ckpt is not None:
         if ckpt["names"] != [c.name for c in bank.cfgs]:
             raise RuntimeError(f"checkpoint {ckpt_fpath} holds SAEs {ckpt['names']}, not this pass's; remove it.")
+        if ckpt["world_size"] != world:
+            raise UserError(f"checkpoint {ckpt_fpath} was written by {ckpt['world_size']} process(es), this run has "
+                            f"{world}; resume with the process count the run started with.")
+        mine = ckpt["ranks"][rank]
         bank.load_state_dict(ckpt["bank"])
         opt.load_state_dict(ckpt["opt"])
         step = int(ckpt["step"])
-        torch.set_rng_state(ckpt["rng"])
-        if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        if "loader" in ckpt and hasattr(batches, "load_state_dict"):
-            batches.load_state_dict(ckpt["loader"])
+        torch.set_rng_state(mine["rng"])
+        if mine.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["cuda_rng"])
+        if "loader" in mine and hasattr(batches, "load_state_dict"):
+            batches.load_state_dict(mine["loader"])
     mean_t = scale = None
     if normalizer is not None:
         mean_t = torch.as_tensor(normalizer.mean, dtype=torch.float32, device=device)
@@ -274,7 +294,7 @@ def train_pass(
                                 dead=f"{float(dead.mean()):.2f}", pps=f"{pps:,.0f}")
                 acc, n_acc, rows_since, t_last = None, 0, 0, time.perf_counter()
             if ckpt_fpath is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == n_steps):
-                save_checkpoint(ckpt_fpath, _ckpt_state(bank, opt, step, batches))
+                _save(ckpt_fpath, bank, opt, step, batches)
     finally:
         bar.close()
     return bank, step
