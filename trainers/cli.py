@@ -61,7 +61,7 @@ def main(sweep_fpath, resume, **params):
 
     from saev_store.store import open_store
 
-    from .distributed import rank_world
+    from saev_store.distributed import rank_world
     from .run import run_training
     from .sweep import expand, from_toml
 

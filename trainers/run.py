@@ -39,7 +39,7 @@ from .export import export_sae
 from .metrics import HIST_EDGES, FVUAccumulator, SAEAccumulator
 from .sae import SAEBank
 from .sae_io import RUN_FNAME
-from .distributed import agree, rank_world
+from saev_store.distributed import agree, rank_world
 from .train import MetricLogger, train_pass
 
 TABLE_COLUMNS = ("name", "arch", "d_sae", "sparsity", "lr", "l0", "fvu", "mse", "n_dead", "n_almost_dead", "n_dense")

@@ -33,7 +33,7 @@ from torch import nn
 
 from . import archs as A
 from .config import K_ARCHS, SAEConfig
-from .distributed import rank_world
+from saev_store.distributed import rank_world
 from .fused import EAGER, Stages, latent_stats
 
 GEMM_ALIGN = 8

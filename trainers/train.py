@@ -29,7 +29,7 @@ from saev_store.stats import Normalizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from . import fused
 from .config import SAEConfig, TrainConfig
-from .distributed import rank_world
+from saev_store.distributed import rank_world
 from .optim import BankAdam
 from .sae import SAEBank, StepOut, StepStats, geometric_median
 from .schedules import lr_factor, sparsity_factor
